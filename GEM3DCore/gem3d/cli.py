@@ -1,0 +1,35 @@
+"""The `gem3d` command line. Sub-commands are imported on first use so that
+`gem3d --help` stays fast and a command's heavy imports (torch) load only when needed."""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# command name -> "module:attribute" of a click command or group
+COMMANDS = {
+    "phantom": "gem3d.commands.data:phantom",
+    "dataset": "gem3d.commands.data:dataset",
+    "edit-mask": "gem3d.commands.data:edit_mask",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gem3d")
+def main():
+    """GEM-3D: synthesise 3D medical volumes from a mask and one informed slice."""
+
+
+if __name__ == "__main__":
+    main()
