@@ -8,9 +8,9 @@ import click
 
 # command name -> "module:attribute" of a click command or group
 COMMANDS = {
-    "phantom": "gem3d.commands.data:phantom",
-    "dataset": "gem3d.commands.data:dataset",
-    "edit-mask": "gem3d.commands.data:edit_mask",
+    "phantom": "gem3d.commands.phantom:phantom",
+    "dataset": "gem3d.commands.dataset:dataset",
+    "edit-mask": "gem3d.commands.edit_mask:edit_mask",
 }
 
 
