@@ -1,0 +1,279 @@
+"""Read and write volumes (NIfTI, NRRD, MetaImage, DICOM series) and Slicer `.seg.nrrd`
+segmentations, always with their geometry (LPS, see `volume.py`).
+
+Writes are atomic (a temporary file in the target folder, then `os.replace`) and never
+replace an existing file unless asked, so a crash or a second writer never leaves a
+half-written or silently overwritten volume.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import uuid
+import zlib
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from .volume import Geometry, Volume
+
+WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+DESCRIPTION_KEY = "description"  # NRRD/MHA header key; NIfTI uses its 80-byte `descrip` field
+NIFTI_DESCRIP_LENGTH = 79
+DEFAULT_COLORS = ((0.5, 0.68, 0.5), (0.85, 0.32, 0.2), (0.98, 0.9, 0.25), (0.3, 0.5, 0.95),
+                  (0.9, 0.5, 0.9), (0.3, 0.85, 0.85), (0.95, 0.6, 0.2), (0.6, 0.4, 0.25))
+
+
+class Not3DImageError(ValueError):
+    """The file holds no 3D volume (2D, 4D without a chosen channel, vector pixels...)."""
+
+
+def extension(path) -> str:
+    """The lower-case format extension of `path` (".nii.gz", ".seg.nrrd" counts as ".nrrd")."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+
+
+def read_volume(path, channel: Optional[int] = None) -> Volume:
+    """Read a 3D volume from a file SimpleITK reads (.nii[.gz], .nrrd, .mha/.mhd...) or a DICOM
+    series folder.
+
+    `channel` picks one channel of a multi-channel image (MSD BraTS: 0 = FLAIR); SimpleITK
+    gives 4D NIfTI either as a 4D scalar image or as a 3D image of vector pixels, and both
+    keep the geometry of the three spatial axes.
+    """
+    path = Path(path)
+    image = _read_dicom_series(path) if path.is_dir() else _read_file(path)
+    return _select_channel(image, channel, path)
+
+
+def _read_file(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        image = reader.Execute()
+    except RuntimeError as error:
+        raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
+    if extension(path).startswith(".nii"):
+        _check_nifti_complete(path, reader)
+    return image
+
+
+def _itk_message(error: RuntimeError) -> str:
+    """The reader's own words, without SimpleITK's source-file prefix."""
+    lines = str(error).splitlines()
+    if lines and lines[0].startswith("Exception thrown"):
+        lines = lines[1:]
+    text = " ".join(line.strip() for line in lines if line.strip())
+    return re.sub(r"(sitk|itk)::ERROR: (\w+\(0x[0-9a-fA-F]+\): )?", "", text)
+
+
+def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader) -> None:
+    """ITK zero-fills truncated NIfTI files without an error (interrupted downloads)."""
+    dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, int(reader.GetMetaData("dim[0]")) + 1)]
+    expected = int(float(reader.GetMetaData("vox_offset"))) + \
+        int(np.prod(dims)) * int(reader.GetMetaData("bitpix")) // 8
+    if extension(path) == ".nii":
+        actual = path.stat().st_size
+        if actual < expected:
+            raise ValueError(f"cannot read {path}: truncated file ({actual} of {expected} bytes)")
+        return
+    with open(path, "rb") as f:  # gzip trailer: uncompressed size mod 2**32
+        f.seek(-4, os.SEEK_END)
+        if int.from_bytes(f.read(4), "little") == expected % 2**32:
+            return
+    try:  # several gzip members, or trailing data: decompress to be sure
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"cannot read {path}: truncated or corrupt gzip data ({error})") from None
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    """The series with the most files in `folder` (a folder often holds a localiser too)."""
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise ValueError(f"{folder}: no DICOM series found in this folder")
+    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise ValueError(f"cannot read the DICOM series in {folder}: {_itk_message(error)}") from None
+
+
+def _select_channel(image: sitk.Image, channel: Optional[int], path: Path) -> Volume:
+    dim, components, size = image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize()
+    if dim not in (3, 4) or (dim == 4 and components > 1):
+        raise Not3DImageError(f"{path}: expected a 3D image, got a {dim}D image of size {size} "
+                              f"with {components} component(s)")
+    channels = components if components > 1 else (size[3] if dim == 4 else 1)
+    if channel is None and channels > 1:
+        raise Not3DImageError(f"{path}: the image has {channels} channels; choose one (channel=0..{channels - 1})")
+    channel = channel or 0
+    if not 0 <= channel < channels:
+        raise ValueError(f"{path}: channel {channel} requested but the image has {channels} channel(s)")
+    array = sitk.GetArrayViewFromImage(image)
+    array = array[..., channel] if components > 1 else (array[channel] if dim == 4 else array)
+    direction = np.reshape(image.GetDirection(), (dim, dim))[:3, :3]
+    geometry = Geometry(image.GetSpacing()[:3], image.GetOrigin()[:3], direction)
+    return Volume(np.array(array), geometry)
+
+
+def write_volume(volume: Volume, path, description: Optional[str] = None,
+                 metadata: Optional[Dict[str, str]] = None, overwrite: bool = False) -> Path:
+    """Write `volume` to .nii/.nii.gz/.nrrd/.mha in its own geometry.
+
+    `description` marks the file (e.g. "SYNTHETIC GEM-3D ..."): NIfTI keeps its first 79
+    characters in `descrip`; NRRD/MHA keep it whole under DESCRIPTION_KEY. `metadata` adds
+    NRRD/MHA header keys; NIfTI has no free-form keys and ignores them.
+    """
+    path = Path(path)
+    ext = extension(path)
+    if ext not in WRITE_EXTENSIONS:
+        raise ValueError(f"{path}: cannot write '{ext}' files; use one of {', '.join(WRITE_EXTENSIONS)}")
+    _check_target(path, overwrite)
+    array = volume.array.astype(np.uint8) if volume.array.dtype == bool else volume.array
+    image = Volume(array, volume.geometry).to_sitk()
+    for key, value in (metadata or {}).items():
+        image.SetMetaData(str(key), str(value))
+    if description is not None:
+        if ext.startswith(".nii"):
+            image.SetMetaData("ITK_FileNotes", description[:NIFTI_DESCRIP_LENGTH])
+        else:
+            image.SetMetaData(DESCRIPTION_KEY, description)
+    _write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    return path
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{uuid.uuid4().hex[:12]}.{path.name}")  # same ending: it picks the writer
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def nifti_nonfinite_count(path, channel: Optional[int] = None) -> int:
+    """NaN/inf voxels stored in a NIfTI file (in one channel, if given).
+
+    ITK's NIfTI reader silently turns them into 0, so `read_volume` cannot see them: this
+    scans the stored values. A channel is a contiguous block for both 4D layouts.
+    """
+    path = Path(path)
+    metadata = read_metadata(path)
+    dtype = {"16": "f4", "64": "f8"}.get(metadata["datatype"])
+    if dtype is None:  # integer types hold no NaN
+        return 0
+    dims = [int(metadata[f"dim[{i}]"]) for i in range(1, int(metadata["dim[0]"]) + 1)]
+    block = int(np.prod(dims[:3]))
+    count = block if channel is not None else int(np.prod(dims))
+    with (gzip.open(path, "rb") if extension(path) == ".nii.gz" else open(path, "rb")) as f:
+        endian = "<" if int.from_bytes(f.read(4), "little") in (348, 540) else ">"
+        f.seek(int(float(metadata["vox_offset"])) + (channel or 0) * block * int(dtype[1]))
+        values = np.frombuffer(f.read(count * int(dtype[1])), dtype=endian + dtype)
+    return int(np.count_nonzero(~np.isfinite(values)))
+
+
+def read_metadata(path) -> Dict[str, str]:
+    """Header key/values of an image file, without reading its voxels."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
+    return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
+
+
+def read_description(path) -> Optional[str]:
+    """The description written by `write_volume` (None when the file has none)."""
+    metadata = read_metadata(path)
+    key = "descrip" if extension(path).startswith(".nii") else DESCRIPTION_KEY
+    return metadata.get(key) or None
+
+
+def read_segmentation(path) -> Tuple[Volume, List[dict]]:
+    """A Slicer `.seg.nrrd` as one label volume plus its segments (name, label_value, color).
+
+    Overlapping segments (several layers) are flattened; later segments win where they
+    overlap. Label values are the file's when they are unique across layers, else the
+    segments are renumbered 1..n in file order (the returned segments say which).
+    """
+    import slicerio
+
+    path = Path(path)
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as error:  # slicerio/pynrrd raise IOError, NRRDError, ValueError...
+        raise ValueError(f"cannot read segmentation {path}: {error}") from None
+    segments = segmentation.get("segments") or []
+    if not segments:
+        raise ValueError(f"{path}: no segments in this file (read a plain label volume with read_volume)")
+    values = [s.get("labelValue", 1) for s in segments]
+    if len(set(values)) != len(values):
+        values = list(range(1, len(segments) + 1))
+    voxels = segmentation["voxels"]
+    labels = np.zeros(voxels.shape[-3:], dtype=np.result_type(voxels.dtype, np.min_scalar_type(max(values))))
+    result = []
+    for segment, value in zip(segments, values):
+        labels[slicerio.segment_mask(segmentation, segment)] = value
+        result.append({"name": segment.get("name", segment["id"]), "label_value": int(value),
+                       "color": tuple(segment.get("color", DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS)]))})
+    geometry = _geometry_from_ijk_to_lps(segmentation["ijkToLPS"])
+    return Volume(np.ascontiguousarray(labels.transpose(2, 1, 0)), geometry), result
+
+
+def _geometry_from_ijk_to_lps(matrix) -> Geometry:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    return Geometry(spacing, matrix[:3, 3], matrix[:3, :3] / spacing)
+
+
+def write_segmentation(label_volume: Volume, path, segments: List[dict], overwrite: bool = False) -> Path:
+    """Write a label volume as a Slicer `.seg.nrrd`, one segment per dict(name, label_value[, color]).
+
+    Every non-zero label in the volume must have a segment: Slicer would hide the others.
+    """
+    import slicerio
+
+    path = Path(path)
+    _check_target(path, overwrite)
+    array = label_volume.array
+    values = [int(s["label_value"]) for s in segments]
+    if min(values, default=1) <= 0 or len(set(values)) != len(values):
+        raise ValueError(f"{path}: segment label values must be unique and > 0, got {values}")
+    present = set(np.unique(array).tolist()) - {0}
+    if present - set(values):
+        raise ValueError(f"{path}: label values {sorted(present - set(values))} of the volume have no segment")
+    dtype = np.min_scalar_type(max(values, default=1))
+    geometry = label_volume.geometry
+    ijk_to_lps = np.eye(4)
+    ijk_to_lps[:3, :3] = geometry.direction * np.asarray(geometry.spacing)
+    ijk_to_lps[:3, 3] = geometry.origin
+    segmentation = {
+        "voxels": np.asarray(array, dtype=dtype).transpose(2, 1, 0),
+        "ijkToLPS": ijk_to_lps,
+        "segments": [{"id": f"Segment_{value}", "name": s["name"], "labelValue": value, "layer": 0,
+                      "color": list(s.get("color") or DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS)])}
+                     for s, value in zip(segments, values)],
+    }
+    _write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation))
+    return path
