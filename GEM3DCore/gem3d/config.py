@@ -1,0 +1,281 @@
+"""Model and training configuration: plain dataclasses, presets, YAML/JSON.
+
+A `Config` fully describes the networks (so a bundle can rebuild them) and how
+to train them. Loading is strict: an unknown key is an error naming the key,
+because a misspelt option silently falling back to its default wastes a
+training run. A file may start from a preset (`preset: tiny`) and override
+only what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Tuple, Union, get_type_hints
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """The dataset and the model grid (what the engine resamples to)."""
+
+    dataset: str = ""
+    modality: str = "mri"  # "mri" | "ct"
+    labels: Dict[int, str] = field(default_factory=lambda: {1: "necrosis", 2: "edema", 3: "enhancing"})
+    normalisation: str = "minmax"  # official: (x - min) / (max - min) per volume, then to [-1, 1]
+    hu_window: Tuple[float, float] = (-1000.0, 1000.0)  # CT only
+    slice_size: int = 64  # axial slices are resampled to slice_size x slice_size
+
+
+@dataclass
+class VAEConfig:
+    """A diffusers AutoencoderKL; one block per entry of block_out_channels."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    block_out_channels: Tuple[int, ...] = (32, 32, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 64
+    scale: float = 1.0  # latent scaling factor (SD: 0.18215)
+
+    @property
+    def factor(self) -> int:
+        """Spatial downsampling factor slice -> latent."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class MaskConfig:
+    """How a label slice becomes a conditioning latent (see models/mask_encoding.py)."""
+
+    encoding: str = "vae"  # "vae" (official) | "onehot" (area fractions, no parameters)
+    outside_body: bool = True  # masks carry -1 outside the body (nnU-Net nonzero region)
+
+
+@dataclass
+class UNetConfig:
+    """openaimodel-style UNet; attention_resolutions are downsample factors."""
+
+    model_channels: int = 32
+    channel_mult: Tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: Tuple[int, ...] = (2,)
+    num_head_channels: int = 32
+    transformer_depth: int = 1  # cross-attention blocks only
+    dropout: float = 0.0
+    use_checkpoint: bool = False
+
+
+@dataclass
+class SliceModelConfig:
+    """Position-conditioned 2D model that generates informed slices."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    position: str = "crossattn"  # "crossattn" (official) | "time" (added to the time embedding)
+    position_dim: int = 128
+    mask_conditioned: bool = False  # also concatenate the mask-slice latent
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule (LDM "linear" = diffusers "scaled_linear") and sampling defaults."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    sampler: str = "ddim"
+    sampling_steps: int = 200
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the four trainable parts: own VAE, stage 1, stage 2, slice model."""
+
+    lr: float = 1e-4  # stage 1 (volume UNet, 2D)
+    stage2_lr: float = 1e-4  # volumetric layers only
+    slice_lr: float = 1e-4
+    vae_lr: float = 1e-4
+    warmup_steps: int = 100
+    vae_steps: int = 2000
+    stage1_steps: int = 2000
+    stage2_steps: int = 1000
+    slice_steps: int = 2000
+    batch_size: int = 2  # windows (slices for the slice model) per step
+    window: int = 8  # slices per training window = model window length
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    bf16: bool = False
+    checkpoint_every: int = 500
+    preview_every: int = 250
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    informed_slice: bool = True  # False: the mask-only "Make-A-Volume" baseline
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    slice_model: SliceModelConfig = field(default_factory=SliceModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        choices = {"data.modality": (self.data.modality, ("mri", "ct")),
+                   "mask.encoding": (self.mask.encoding, ("vae", "onehot")),
+                   "slice_model.position": (self.slice_model.position, ("crossattn", "time"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"config {key}={value!r}: must be one of {allowed}")
+        if self.data.slice_size % self.vae.factor:
+            raise ValueError(f"config data.slice_size={self.data.slice_size} is not a multiple of "
+                             f"the VAE factor {self.vae.factor}")
+
+
+def kl_f8_config() -> VAEConfig:
+    """The LDM/Stable-Diffusion "kl-f8" VAE used frozen by the official models
+    (ch 128, ch_mult 1,2,4,4, 2 res blocks, z 4, 256 px, RGB: grey is repeated)."""
+    return VAEConfig(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512),
+                     layers_per_block=2, latent_channels=4, norm_num_groups=32,
+                     sample_size=256, scale=0.18215)
+
+
+def _tiny() -> Config:
+    return Config(name="tiny", mask=MaskConfig(encoding="onehot"))
+
+
+def _small() -> Config:
+    return Config(
+        name="small",
+        data=DataConfig(slice_size=128),
+        vae=VAEConfig(block_out_channels=(64, 128, 128), layers_per_block=2, sample_size=128),
+        mask=MaskConfig(encoding="onehot"),
+        unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 3), num_res_blocks=2,
+                        attention_resolutions=(2, 4), use_checkpoint=True),
+        slice_model=SliceModelConfig(unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 3),
+                                                     num_res_blocks=2, attention_resolutions=(2, 4))),
+        train=TrainConfig(lr=5e-5, stage2_lr=5e-5, slice_lr=5e-5, warmup_steps=500, vae_steps=20000,
+                          stage1_steps=50000, stage2_steps=20000, slice_steps=50000, batch_size=2,
+                          window=16, ema_decay=0.9999, bf16=True, checkpoint_every=5000,
+                          preview_every=2000),
+    )
+
+
+def _paper() -> Config:
+    """configs/latent-diffusion/brain_stage{1,2}.yaml and brain_slice.yaml of the official code."""
+    return Config(
+        name="paper",
+        data=DataConfig(slice_size=512),
+        vae=kl_f8_config(),
+        mask=MaskConfig(encoding="vae"),
+        unet=UNetConfig(model_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                        attention_resolutions=(8, 4, 2), num_head_channels=32, use_checkpoint=True),
+        slice_model=SliceModelConfig(
+            unet=UNetConfig(model_channels=224, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
+                            attention_resolutions=(4, 2, 1), num_head_channels=32, use_checkpoint=True),
+            position="crossattn", position_dim=128),
+        train=TrainConfig(lr=5e-6, stage2_lr=5e-6, slice_lr=5e-7, warmup_steps=0, vae_steps=0,
+                          stage1_steps=150000, stage2_steps=50000, slice_steps=150000, batch_size=1,
+                          window=16, ema_decay=0.9999, bf16=True, checkpoint_every=10000,
+                          preview_every=20000),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "paper": _paper}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown config preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain dict of lists/dicts/scalars, ready for YAML or JSON."""
+    def plain(value):
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def _convert(hint, value, key: str):
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # PyYAML reads "5e-6" (no dot) as a string
+        except ValueError:
+            pass
+    if hint in (int, float, bool, str):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ValueError(f"config {key}: expected {hint.__name__}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = getattr(hint, "__origin__", None)
+    if origin is tuple:
+        return tuple(value)
+    if origin is dict:
+        key_type = hint.__args__[0]
+        return {key_type(k): v for k, v in value.items()}  # JSON object keys are strings
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ValueError(f"config {prefix.rstrip('.') or 'root'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ValueError(f"unknown config key {prefix + str(key)!r}")
+    return cls(**{k: _convert(hints[k], v, prefix + k) for k, v in data.items()})
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "labels":
+            merged[key] = _merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def from_dict(data: dict) -> Config:
+    """Strict inverse of `to_dict`; a top-level `preset` key starts from that preset."""
+    data = dict(data)
+    if "preset" in data:
+        data = _merge(to_dict(preset(data.pop("preset"))), data)
+    return _build(Config, data)
+
+
+def load_config(path_or_preset: Union[str, Path]) -> Config:
+    """A preset name ("tiny", "small", "paper") or a .yaml/.yml/.json file."""
+    if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
+        return preset(path_or_preset)
+    path = Path(path_or_preset)
+    if not path.is_file():
+        raise ValueError(f"{path}: not a config file nor a preset ({sorted(PRESETS)})")
+    text = path.read_text()
+    data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        return from_dict(data or {})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    path = Path(path)
+    data = to_dict(cfg)
+    path.write_text(json.dumps(data, indent=2) if path.suffix == ".json"
+                    else yaml.safe_dump(data, sort_keys=False))
