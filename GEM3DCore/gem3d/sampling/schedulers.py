@@ -1,0 +1,94 @@
+"""Diffusers schedulers configured like GEM-3D's training (LDM "linear" betas, eps prediction).
+
+Choices, and why:
+- Betas: LDM's ``linear`` schedule with linear_start 0.00085 / linear_end 0.012 is
+  ``linspace(sqrt(0.00085), sqrt(0.012), 1000) ** 2`` (linear in sqrt-space), which is
+  diffusers' ``scaled_linear``; diffusers' ``linear`` would be a different schedule.
+- DDIM (the paper preset) uses LDM's timesteps: ``range(0, 1000, 1000 // steps) + 1``
+  (= ``timestep_spacing="leading"``, ``steps_offset=1``).  It deliberately differs from LDM
+  at the very last step: ``set_alpha_to_one=True`` lands on the clean sample (LDM stops at
+  the noise level of t=0, abar=0.99915, i.e. noise of std ~0.03 left in the latent), so
+  that all samplers end clean, like the known frames that are written back clean.
+- DPM-Solver++ and UniPC keep diffusers' defaults (``linspace`` spacing starting at t=999,
+  ``final_sigmas_type="zero"``): with few steps, starting at the highest trained noise
+  level matters, and they end clean.
+- ``clip_sample=False`` everywhere: latents are not bounded to [-1, 1].
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    SchedulerMixin,
+    UniPCMultistepScheduler,
+)
+
+SAMPLERS = ("ddim", "dpm++", "unipc")
+PRESETS = {
+    "paper": {"name": "ddim", "steps": 200, "eta": 1.0},
+    "fast": {"name": "dpm++", "steps": 20},
+}
+DEFAULT_PRESET = "fast"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The diffusion process the network was trained with (diffusers' config names)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+
+
+class EtaDDIMScheduler(DDIMScheduler):
+    """DDIM whose eta is fixed at construction (diffusers takes it per ``step()``), so the
+    propagation can step every scheduler the same way."""
+
+    eta = 0.0
+
+    def step(self, model_output, timestep, sample, eta=None, use_clipped_model_output=False,
+             generator=None, variance_noise=None, return_dict=True):
+        return super().step(model_output, timestep, sample, self.eta if eta is None else eta,
+                            use_clipped_model_output, generator, variance_noise, return_dict)
+
+
+def make_scheduler(name: str, steps: int, train_config: TrainConfig = TrainConfig(),
+                   eta: Optional[float] = None) -> SchedulerMixin:
+    """A fresh sampling scheduler with its timesteps set (multistep solvers keep state)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= train_config.num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{train_config.num_train_timesteps}, got {steps}")
+    if eta is not None and name != "ddim":
+        raise ValueError(f"eta applies to ddim only, not to {name!r}")
+    common = asdict(train_config)
+    if name == "ddim":
+        scheduler = EtaDDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True,
+                                     steps_offset=1, timestep_spacing="leading")
+        scheduler.eta = 0.0 if eta is None else float(eta)
+    elif name == "dpm++":
+        scheduler = DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++",
+                                                solver_order=2)
+    else:
+        scheduler = UniPCMultistepScheduler(**common)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def scheduler_factory(name: str, steps: int, train_config: TrainConfig = TrainConfig(),
+                      eta: Optional[float] = None) -> Callable[[], SchedulerMixin]:
+    """A zero-argument maker of fresh schedulers (one per window batch), checked now."""
+    make_scheduler(name, steps, train_config, eta)
+    return functools.partial(make_scheduler, name, steps, train_config, eta)
+
+
+def make_training_scheduler(train_config: TrainConfig = TrainConfig()) -> DDPMScheduler:
+    """The training noise process (``add_noise``) with the same betas as the samplers."""
+    return DDPMScheduler(**asdict(train_config), clip_sample=False)
