@@ -1,0 +1,199 @@
+"""Model bundles: a folder with `bundle.json` and `*.safetensors` weights.
+
+A bundle is everything the engine needs to run a trained model: the network
+configuration (to rebuild the modules), the data conventions (modality, label
+map, intensity normalisation, slice size, window length, latent scale),
+sampler defaults and provenance. Weights are safetensors, so loading a bundle
+never unpickles anything. Loading checks the format version, the label map and
+every tensor's name and shape, and says precisely what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from gem3d import config as config_lib
+from gem3d.config import Config
+from gem3d.labels import LabelMap
+
+FORMAT = "gem3d-bundle"
+FORMAT_VERSION = 1
+PARTS = ("vae", "unet", "slice_model")
+
+
+class BundleError(ValueError):
+    """A bundle folder that cannot be used, with the reason."""
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: configuration, conventions and the modules (eval mode)."""
+
+    path: Path
+    info: dict
+    config: Config
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    slice_model: Optional[torch.nn.Module] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def label_map(self) -> LabelMap:
+        return LabelMap.from_dict(self.info["label_map"])
+
+    @property
+    def window_length(self) -> int:
+        return int(self.info["window_length"])
+
+    @property
+    def slice_size(self) -> int:
+        return int(self.info["slice_size"])
+
+    def to(self, device: Union[str, torch.device]) -> "Bundle":
+        for module in (self.vae, self.unet, self.slice_model):
+            if module is not None:
+                module.to(device)
+        return self
+
+
+def describe_config(cfg: Config) -> dict:
+    """The bundle.json summary fields, derived from the configuration (one source of truth)."""
+    return {
+        "modality": cfg.data.modality,
+        "label_map": cfg_label_map(cfg).to_dict(),
+        "intensity": cfg_intensity(cfg),
+        "slice_size": cfg.data.slice_size,
+        "window_length": cfg.train.window,
+        "latent_scale": cfg.vae.scale,
+        "informed_slice": cfg.informed_slice,
+        "sampler": {"name": cfg.diffusion.sampler, "steps": cfg.diffusion.sampling_steps},
+    }
+
+
+def cfg_label_map(cfg: Config) -> LabelMap:
+    return LabelMap(dict(cfg.data.labels), -1 if cfg.mask.outside_body else None)
+
+
+def cfg_intensity(cfg: Config) -> dict:
+    """The `gem3d.intensity.make_normaliser` config of a model configuration."""
+    if cfg.data.modality == "ct":
+        low, high = cfg.data.hu_window
+        return {"kind": "ct_window", "low": float(low), "high": float(high)}
+    if cfg.data.normalisation == "percentile":
+        return {"kind": "percentile", "low": 0.5, "high": 99.5}
+    return {"kind": "minmax"}
+
+
+def save_bundle(path: Union[str, Path], cfg: Config, modules: Dict[str, torch.nn.Module],
+                provenance: dict, overwrite: bool = False) -> Path:
+    """Write a bundle atomically (a temporary sibling folder renamed into place)."""
+    path = Path(path)
+    unknown = set(modules) - set(PARTS)
+    if unknown or "vae" not in modules or "unet" not in modules:
+        raise BundleError(f"a bundle needs modules 'vae' and 'unet' (optional 'slice_model'), got {sorted(modules)}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; choose another folder or pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        weights = {}
+        for name, module in modules.items():
+            state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(tmp / f"{name}.safetensors"), metadata={"format": FORMAT, "part": name})
+            weights[name] = f"{name}.safetensors"
+        info = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": cfg.name,
+                **describe_config(cfg),
+                "volumetric": bool(getattr(modules["unet"], "volumetric", False)),
+                "weights": weights, "config": config_lib.to_dict(cfg), "provenance": provenance}
+        (tmp / "bundle.json").write_text(json.dumps(info, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_info(path: Union[str, Path]) -> dict:
+    """bundle.json, checked for format and consistency (no weights loaded)."""
+    path = Path(path)
+    file = path / "bundle.json"
+    if not file.is_file():
+        raise BundleError(f"{path}: not a model bundle (no bundle.json)")
+    try:
+        info = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{file}: not valid JSON ({err})") from None
+    if info.get("format") != FORMAT:
+        raise BundleError(f"{file}: format is {info.get('format')!r}, expected {FORMAT!r}")
+    version = info.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{file}: format_version {version!r} is not supported by this gem3d "
+                          f"(supports {FORMAT_VERSION}); update gem3d or re-export the bundle")
+    missing = [k for k in ("config", "weights", "provenance", "volumetric") if k not in info]
+    if missing:
+        raise BundleError(f"{file}: missing keys {missing}")
+    try:
+        derived = describe_config(config_lib.from_dict(info["config"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise BundleError(f"{file}: invalid configuration: {err}") from None
+    stale = [k for k, v in derived.items() if json.loads(json.dumps(v)) != info.get(k)]
+    if stale:
+        raise BundleError(f"{file}: {stale} disagree with the 'config' section; edit the config, not the summary")
+    return info
+
+
+def _check_tensors(file: Path, module: torch.nn.Module, part: str) -> None:
+    if not file.is_file():
+        raise BundleError(f"{file}: weights of '{part}' are missing")
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    with safe_open(str(file), framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    problems = []
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    shapes = [f"{k}: {found[k]} != {expected[k]}" for k in sorted(set(found) & set(expected))
+              if found[k] != expected[k]]
+    if shapes:
+        problems.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
+    if problems:
+        raise BundleError(f"{file}: tensors do not match the configured '{part}': " + "; ".join(problems))
+
+
+def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Bundle:
+    """Rebuild the modules from bundle.json and fill them from safetensors (strict)."""
+    from gem3d.models import build_slice_model, build_unet, build_vae
+
+    path = Path(path)
+    info = read_info(path)
+    cfg = config_lib.from_dict(info["config"])
+    modules = {"vae": build_vae(cfg), "unet": build_unet(cfg)}
+    if info["volumetric"]:
+        modules["unet"].add_volumetric_layers()
+    if "slice_model" in info["weights"]:
+        modules["slice_model"] = build_slice_model(cfg)
+    for part, module in modules.items():
+        file = path / info["weights"].get(part, f"{part}.safetensors")
+        _check_tensors(file, module, part)
+        module.load_state_dict(load_file(str(file)))
+        module.eval().requires_grad_(False)
+    return Bundle(path, info, cfg, **modules).to(device)
+
+
+def parameter_counts(bundle: Bundle) -> Dict[str, int]:
+    return {name: sum(p.numel() for p in module.parameters())
+            for name, module in (("vae", bundle.vae), ("unet", bundle.unet), ("slice_model", bundle.slice_model))
+            if module is not None}

@@ -1,0 +1,109 @@
+"""Whole-dataset generation: enhancement (K re-samples per case with other patients'
+informed slices) and harmonisation (every case from one fixed informed slice).
+
+The output is an nnU-Net raw dataset: `imagesTr/<id>_0000.nii.gz`, the masks that
+were used in `labelsTr/<id>.nii.gz`, a provenance JSON per case in `provenance/`
+and `dataset.json`. A job counts as done when its provenance file exists (written
+last, atomically), so an interrupted run resumes where it stopped. Under torchrun,
+jobs are sharded by rank: job i belongs to rank i % world_size.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import numpy as np
+
+from gem3d.datasets import Dataset
+from gem3d.request import GenerateRequest, InformedSpec
+
+
+@dataclass(frozen=True)
+class Job:
+    out_id: str
+    case_id: str
+    request: GenerateRequest
+
+
+def _request(case, out_dir: Path, out_id: str, informed: InformedSpec, seed: int, **options) -> GenerateRequest:
+    return GenerateRequest(reference=str(case.image), mask=str(case.mask), job_id=out_id,
+                           out=str(out_dir / "imagesTr" / f"{out_id}_0000.nii.gz"),
+                           mask_out=str(out_dir / "labelsTr" / f"{out_id}.nii.gz"),
+                           informed=informed, seed=seed, overwrite=True, **options)
+
+
+def _labelled(dataset: Dataset):
+    cases = [c for c in dataset.cases if c.mask is not None]
+    if not cases:
+        raise ValueError(f"{dataset.root}: no case has a mask; generation needs masks")
+    return cases
+
+
+def plan_enhance(dataset: Dataset, out_dir: Path, times: int, seed: int = 0, **options) -> List[Job]:
+    """K re-samples of each case, each informed by a slice of another (seeded) case at the same
+    normalised height, with a random start."""
+    if times < 1:
+        raise ValueError(f"--times must be at least 1, got {times}")
+    cases = _labelled(dataset)
+    if len(cases) < 2:
+        raise ValueError("enhancement takes informed slices from other cases: it needs at least 2 cases")
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for i, case in enumerate(cases):
+        for k in range(times):
+            other = cases[(i + 1 + int(rng.integers(len(cases) - 1))) % len(cases)]
+            out_id = f"{case.case_id}_syn{k:02d}"
+            informed = InformedSpec("other", str(other.image))
+            jobs.append(Job(out_id, case.case_id, _request(case, out_dir, out_id, informed,
+                                                           int(rng.integers(2 ** 31)), **options)))
+    return jobs
+
+
+def plan_harmonize(dataset: Dataset, out_dir: Path, scan: str, slice_index: Optional[int],
+                   position: Optional[float] = None, seed: int = 0, **options) -> List[Job]:
+    """Every case generated from one fixed informed slice (dataset-level de-enhancement)."""
+    informed = InformedSpec("fixed", str(scan), slice_index, position)
+    return [Job(c.case_id, c.case_id, _request(c, out_dir, c.case_id, informed, seed + i, **options))
+            for i, c in enumerate(_labelled(dataset))]
+
+
+def provenance_file(out_dir: Path, job: Job) -> Path:
+    return out_dir / "provenance" / f"{job.out_id}.json"
+
+
+def pending(jobs: List[Job], out_dir: Path, rank: int = 0, world_size: int = 1) -> List[Job]:
+    """This rank's share of the jobs that are not done yet."""
+    return [job for i, job in enumerate(jobs)
+            if i % world_size == rank and not provenance_file(out_dir, job).exists()]
+
+
+def run_jobs(engine, jobs: List[Job], out_dir: Path) -> Iterator[tuple]:
+    """Run jobs one by one; yields (job, finished-or-error event). Provenance moves to provenance/."""
+    from gem3d.engine import provenance_path
+
+    for folder in ("imagesTr", "labelsTr", "provenance"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        last = None
+        for event in engine.generate(job.request):
+            last = event
+        if last is not None and last["event"] == "finished":
+            os.replace(provenance_path(job.request.out), provenance_file(out_dir, job))
+        yield job, last
+
+
+def write_dataset_json(out_dir: Path, source: Dataset, modality: str, jobs: List[Job], kind: str) -> dict:
+    done = [job for job in jobs if provenance_file(out_dir, job).exists()]
+    labels = {"background": 0, **{name: value for value, name in source.label_map.names.items()}}
+    info = {"channel_names": {"0": "CT" if modality == "ct" else "FLAIR"}, "labels": labels,
+            "numTraining": len(done), "file_ending": ".nii.gz",
+            "description": f"SYNTHETIC dataset: GEM-3D {kind} of {source.root} ({len(done)} of "
+                           f"{len(jobs)} cases generated); not patient data"}
+    path = out_dir / "dataset.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+    return info
