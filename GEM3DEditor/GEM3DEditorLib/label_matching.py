@@ -1,0 +1,162 @@
+"""Match a segmentation's segments to the labels of a model bundle's label map.
+
+A segment matches by, in this order: its name (exact or a known synonym: "necrotic core",
+"NCR" -> necrosis), its terminology (SNOMED CT codes or code meanings of Slicer's
+"TerminologyEntry" tag), a generic name that carries a number ("Segment_2", "label 4"), or its
+label value when that is unambiguous. Segments that match nothing are reported, never dropped
+silently. Then the matched segments are composed into one label volume.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+# canonical name -> synonyms (lower case, punctuation replaced by spaces, British spellings folded)
+SYNONYMS: Dict[str, Tuple[str, ...]] = {
+    "necrosis": ("necrosis", "necrotic", "necrotic core", "necrotic tumor core", "ncr", "net",
+                 "ncr net", "non enhancing tumor core", "non enhancing tumor", "nonenhancing tumor core",
+                 "necrotic and non enhancing tumor core", "necrotic non enhancing tumor core"),
+    "edema": ("edema", "ed", "peritumoral edema", "snfh", "flair hyperintensity",
+              "surrounding non enhancing flair hyperintensity", "surrounding flair hyperintensity"),
+    "enhancing": ("enhancing", "enhancing tumor", "et", "enhancing core", "enhancing tumor core",
+                  "gd enhancing tumor", "contrast enhancing tumor", "neoplasm primary"),
+    "liver": ("liver", "hepar"),
+    "kidney": ("kidney", "kidneys", "left kidney", "right kidney", "kidney left", "kidney right", "renal"),
+    "spleen": ("spleen", "lien"),
+    "pancreas": ("pancreas", "pancreatic"),
+}
+
+# SNOMED CT code value -> canonical name
+SNOMED_CODES: Dict[str, str] = {
+    "6574001": "necrosis",
+    "79654002": "edema",
+    "10200004": "liver",
+    "64033007": "kidney",
+    "9846003": "kidney",  # right kidney
+    "18639004": "kidney",  # left kidney
+    "78961009": "spleen",
+    "15776009": "pancreas",
+}
+
+_SPELLINGS = (("oedema", "edema"), ("tumour", "tumor"), ("nonenhancing", "non enhancing"))
+_GENERIC = re.compile(r"^(?:segment|label|class|structure)?\s*(\d+)$")
+
+
+def normalize(text: str) -> str:
+    text = re.sub(r"[^a-z0-9]+", " ", (text or "").lower()).strip()
+    for british, american in _SPELLINGS:
+        text = re.sub(rf"\b{british}\b", american, text)
+    return text
+
+
+_SYNONYM_INDEX = {normalize(s): canonical for canonical, synonyms in SYNONYMS.items() for s in synonyms}
+
+
+def canonical_name(text: str) -> Optional[str]:
+    """'Necrotic core' -> 'necrosis'; None when unknown."""
+    return _SYNONYM_INDEX.get(normalize(text))
+
+
+def terminology_type(entry: str) -> Optional[Tuple[str, str, str]]:
+    """(scheme, code value, meaning) of the *type* of a Slicer terminology entry string, or None.
+
+    Format: context~category~type~typeModifier~anatomicContext~region~regionModifier, each coded
+    field as scheme^value^meaning. Only the type names the structure: a tumour's anatomic region
+    (e.g. liver) must not make it a liver.
+    """
+    fields = (entry or "").split("~")
+    if len(fields) < 3:
+        return None
+    parts = fields[2].split("^")
+    if len(parts) != 3 or not (parts[1] or parts[2]):
+        return None
+    return parts[0], parts[1], parts[2]
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    segment_id: str
+    name: str
+    terminology: str = ""
+    label_value: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Match:
+    segment_id: str
+    name: str
+    label: Optional[int]  # None: unmatched
+    reason: str
+
+
+def bundle_label_index(label_map: Dict[int, str]) -> Dict[str, int]:
+    """Normalised and canonical label names -> label value."""
+    index = {}
+    for value, name in label_map.items():
+        index.setdefault(normalize(name), int(value))
+        canonical = canonical_name(name)
+        if canonical:
+            index.setdefault(canonical, int(value))
+    return index
+
+
+def _match_text(text: str, index: Dict[str, int]) -> Optional[int]:
+    if normalize(text) in index:
+        return index[normalize(text)]
+    canonical = canonical_name(text)
+    return index.get(canonical) if canonical else None
+
+
+def match_segment(segment: SegmentInfo, label_map: Dict[int, str],
+                  index: Optional[Dict[str, int]] = None) -> Match:
+    """One segment against the label map, without looking at other segments."""
+    index = bundle_label_index(label_map) if index is None else index
+    exact = {normalize(name): value for value, name in label_map.items()}
+    label = exact.get(normalize(segment.name))
+    if label is not None:
+        return Match(segment.segment_id, segment.name, label, "name")
+    label = _match_text(segment.name, index)
+    if label is not None:
+        return Match(segment.segment_id, segment.name, label, f"synonym of '{label_map[label]}'")
+    coded = terminology_type(segment.terminology)
+    if coded:
+        scheme, code, meaning = coded
+        canonical = SNOMED_CODES.get(code) if scheme.upper() in ("SCT", "SRT") else None
+        label = index.get(canonical) if canonical else _match_text(meaning, index)
+        if label is not None:
+            return Match(segment.segment_id, segment.name, label, f"terminology {scheme}:{code} {meaning}")
+    generic = _GENERIC.match(normalize(segment.name))
+    if generic and int(generic.group(1)) in label_map:
+        return Match(segment.segment_id, segment.name, int(generic.group(1)), "number in name")
+    return Match(segment.segment_id, segment.name, None, "unmatched")
+
+
+def match_segments(segments: Sequence[SegmentInfo], label_map: Dict[int, str]
+                   ) -> Tuple[List[Match], List[Match]]:
+    """(matches in segment order, the unmatched ones). Label value is the last resort and is used
+    only when exactly one unmatched segment carries that value."""
+    label_map = {int(k): v for k, v in label_map.items()}
+    index = bundle_label_index(label_map)
+    matches = [match_segment(s, label_map, index) for s in segments]
+    values = [s.label_value for s, m in zip(segments, matches) if m.label is None]
+    for i, (segment, match) in enumerate(zip(segments, matches)):
+        value = segment.label_value
+        if match.label is None and value in label_map and values.count(value) == 1:
+            matches[i] = Match(segment.segment_id, segment.name, int(value), "label value")
+    return matches, [m for m in matches if m.label is None]
+
+
+def compose_label_mask(shape: Sequence[int], parts: Iterable[Tuple[np.ndarray, int]],
+                       dtype=np.int16) -> np.ndarray:
+    """One label volume from (binary array, label) pairs. Larger parts are painted first, so a
+    structure inside another one (enhancing core inside oedema) keeps its own label."""
+    mask = np.zeros(tuple(shape), dtype=dtype)
+    parts = [(np.asarray(a) > 0, int(label)) for a, label in parts if label]
+    for binary, label in sorted(parts, key=lambda p: -int(p[0].sum())):
+        if binary.shape != mask.shape:
+            raise ValueError(f"segment array of shape {binary.shape} does not fit the reference grid {mask.shape}")
+        mask[binary] = label
+    return mask

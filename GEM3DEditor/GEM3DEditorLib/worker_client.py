@@ -1,0 +1,252 @@
+"""Client of the `gem3d worker` stdio protocol (docs/worker-protocol.md).
+
+The worker runs as a subprocess in its own session / process group, so that it and anything it
+starts can be killed together. A reader thread parses stdout (one JSON event per line) onto a
+queue; `poll()` hands the events, in order, to the caller (a QTimer on Slicer's GUI thread).
+Log lines (stderr, stray stdout text) wait in another queue for `drain_log()`, so that only the
+caller's thread logs; the last stderr lines are kept for error messages.
+
+Each event dict carries its kind under "event" (as gem3d's engine and worker write it); a
+"type" key is accepted as an alias and both are set.
+
+Guarantees: a worker that dies yields an `error` event for each unfinished job (exit code, last
+stderr lines), never a hang; `cancel()` sends the cancel message and, if the job has not ended
+within `cancel_timeout` seconds, kills the process tree and reports the job `cancelled`.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import sys
+import threading
+from typing import Dict, List, Optional, Sequence
+
+from . import request as requests
+from .process import exit_message, kill_tree, popen_group
+
+TERMINAL_EVENTS = ("finished", "cancelled", "error")
+WHAT = "The GEM-3D engine"
+
+
+def worker_command(python: str, *args: str) -> List[str]:
+    """`<python> -m gem3d worker ...` (python: PythonSlicer or a user-chosen interpreter)."""
+    return [python, "-m", "gem3d", "worker", *args]
+
+
+def environment_with_path(base: Optional[Dict[str, str]], paths: Sequence[str]) -> Dict[str, str]:
+    """A copy of `base` (default os.environ) with `paths` in front of PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(list(paths) + [p for p in existing if p not in paths])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+def python_executable_default() -> str:
+    """PythonSlicer inside Slicer (it is on PATH there), else the running interpreter."""
+    import shutil
+
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    candidate = os.path.join(os.path.dirname(sys.executable),
+                             "PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
+    return candidate if os.path.isfile(candidate) else sys.executable
+
+
+class WorkerClient:
+    def __init__(self, command: Sequence[str], env: Optional[Dict[str, str]] = None,
+                 cwd: Optional[str] = None, cancel_timeout: float = 10.0, stderr_lines: int = 40):
+        self.command = list(command)
+        self.env = env
+        self.cwd = cwd
+        self.cancel_timeout = float(cancel_timeout)
+        self._stderr = collections.deque(maxlen=stderr_lines)
+        self._events: "queue.Queue[dict]" = queue.Queue()
+        self._log: "queue.Queue[str]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._active: Dict[str, bool] = {}  # job id -> cancel requested
+        self._killed_for_cancel = False
+        self._closing = False
+        self._process = None
+        self._threads: List[threading.Thread] = []
+        self._timers: List[threading.Timer] = []
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> "WorkerClient":
+        if self.running:
+            return self
+        self._process = popen_group(self.command, self.env, self.cwd, stdin=True)
+        self._closing = False
+        self._killed_for_cancel = False
+        self._stderr.clear()
+        stderr_thread = threading.Thread(target=self._read_stderr, args=(self._process,),
+                                         name="gem3d-worker-stderr", daemon=True)
+        stdout_thread = threading.Thread(target=self._read_stdout, args=(self._process, stderr_thread),
+                                         name="gem3d-worker-stdout", daemon=True)
+        self._threads = [stderr_thread, stdout_thread]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self._process is None else self._process.poll()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def active_jobs(self) -> List[str]:
+        with self._lock:
+            return list(self._active)
+
+    def stderr_tail(self) -> List[str]:
+        return list(self._stderr)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End the worker: EOF on stdin (it exits after the running job), killed if it does not."""
+        if self._process is None:
+            return
+        self._closing = True
+        for timer in self._timers:
+            timer.cancel()
+        try:
+            self._process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._process.wait(timeout=timeout)
+        except Exception:  # subprocess.TimeoutExpired
+            self.kill()
+        for thread in self._threads:
+            thread.join(timeout=timeout)
+
+    def kill(self) -> None:
+        """Kill the worker and everything it started."""
+        kill_tree(self._process)
+
+    # ---------------------------------------------------------------- requests
+    def send(self, message: dict) -> None:
+        if not self.running:
+            raise RuntimeError(f"{WHAT} is not running")
+        try:
+            self._process.stdin.write(json.dumps(message) + "\n")
+            self._process.stdin.flush()
+        except (OSError, ValueError) as e:  # broken pipe: the reader thread reports the exit
+            self._log.put(f"the GEM-3D engine did not take the message: {e}")
+
+    def generate(self, request: dict) -> str:
+        """Validate and send a generate request; returns its job id."""
+        requests.validate_request(request)
+        job_id = request["job_id"]
+        with self._lock:
+            self._active[job_id] = False
+        self.send(request)
+        return job_id
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the worker to cancel; kill it if the job has not ended within cancel_timeout."""
+        with self._lock:
+            if job_id not in self._active:
+                return
+            self._active[job_id] = True
+        if not self.running:  # the reader thread reports how it ended
+            return
+        self.send(requests.cancel_request(job_id))
+        timer = threading.Timer(self.cancel_timeout, self._kill_if_still_active, args=(job_id,))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _kill_if_still_active(self, job_id: str) -> None:
+        with self._lock:
+            still_active = job_id in self._active
+        if still_active and self.running:
+            self._log.put(f"the GEM-3D engine did not cancel job {job_id} within "
+                          f"{self.cancel_timeout:g} s: killing it")
+            self._killed_for_cancel = True
+            self.kill()
+
+    # ---------------------------------------------------------------- events
+    def poll(self, timeout: float = 0.0, max_events: Optional[int] = None) -> List[dict]:
+        """Events received so far, in order; waits up to `timeout` seconds for the first one."""
+        events = []
+        try:
+            if timeout > 0:
+                events.append(self._events.get(timeout=timeout))
+            while max_events is None or len(events) < max_events:
+                events.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        return events
+
+    def drain_log(self) -> List[str]:
+        """Log lines received so far (engine stderr, stray stdout text, client notes)."""
+        lines = []
+        try:
+            while True:
+                lines.append(self._log.get_nowait())
+        except queue.Empty:
+            return lines
+
+    def _emit(self, event: dict) -> None:
+        kind = event["event"]
+        if kind in TERMINAL_EVENTS:
+            with self._lock:
+                if event.get("job_id") is not None:
+                    self._active.pop(event["job_id"], None)
+                elif kind == "error":  # an unreadable request: nothing that was sent will finish
+                    self._active.clear()
+        self._events.put(event)
+
+    def _read_stdout(self, process, stderr_thread: threading.Thread) -> None:
+        for line in process.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = json.loads(line)
+                kind = event.get("event") or event.get("type") if isinstance(event, dict) else None
+                if not isinstance(kind, str):
+                    raise ValueError("not an event")
+            except ValueError:
+                self._log.put(line)
+                continue
+            event["event"] = event["type"] = kind
+            self._emit(event)
+        returncode = process.wait()
+        stderr_thread.join(timeout=5.0)
+        self._report_exit(returncode)
+
+    def _read_stderr(self, process) -> None:
+        for line in process.stderr:
+            line = line.rstrip()
+            if line:
+                self._stderr.append(line)
+                self._log.put(line)
+
+    def _report_exit(self, returncode: int) -> None:
+        with self._lock:
+            unfinished = dict(self._active)
+        tail = list(self._stderr)
+        for job_id, cancel_requested in unfinished.items():
+            if cancel_requested:
+                how = (f"was killed: it did not answer the cancel request within {self.cancel_timeout:g} s"
+                       if self._killed_for_cancel else "stopped")
+                self._emit({"event": "cancelled", "type": "cancelled", "job_id": job_id,
+                            "message": f"{WHAT} {how}."})
+            else:
+                self._emit({"event": "error", "type": "error", "job_id": job_id, "returncode": returncode,
+                            "stderr": "\n".join(tail), "message": exit_message(WHAT, returncode, tail)})
+        if not unfinished and returncode != 0 and not self._closing and not self._killed_for_cancel:
+            self._emit({"event": "error", "type": "error", "job_id": None, "returncode": returncode,
+                        "stderr": "\n".join(tail), "message": exit_message(WHAT, returncode, tail)})
