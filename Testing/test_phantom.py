@@ -1,0 +1,154 @@
+"""Phantom datasets: labels, contrasts, determinism, exact re-rendering, files, CLI."""
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+
+from gem3d import phantom
+from gem3d.cli import main
+from gem3d.volume import Geometry
+
+SMALL = dict(size=32, slices=16)
+
+
+def test_brain_cases_hold_every_brats_label_and_only_those():
+    for index in range(3):
+        image, labels, truth = phantom.make_case("brain", 5, index, **SMALL)
+        assert set(np.unique(labels.array).tolist()) == {0, 1, 2, 4}
+        assert image.shape == labels.shape == (16, 32, 32)
+        assert image.array.dtype == np.float32 and labels.array.dtype == np.uint8
+        assert truth["case"] == f"brain_{index:03d}" and truth["lesion"] is not None
+
+
+def test_brain_flair_contrast_order():
+    image, labels, truth = phantom.make_case("brain", 1, 0, size=48, slices=24)
+    tissue = phantom.build_anatomy("brain", truth["patient"], image.shape, image.geometry.spacing)
+    healthy = labels.array == 0
+
+    def mean(where):
+        assert where.sum() > 10
+        return float(image.array[where].mean())
+
+    gm, wm = mean(healthy & (tissue["gm"] > 0.95)), mean(healthy & (tissue["wm"] > 0.95))
+    csf = mean(healthy & (tissue["ventricle"] > 0.95))
+    background = mean(tissue["background"] > 0.99)
+    edema, enhancing, necrosis = (mean(labels.array == v) for v in (2, 4, 1))
+    assert edema > enhancing > gm > wm > necrosis > csf > background
+    assert background < 0.1 * wm
+
+
+def test_abdomen_case_ct_numbers_and_organs():
+    image, labels, truth = phantom.make_case("abdomen", 2, 0, **SMALL)
+    ct, mask = image.array, labels.array
+    assert ct.dtype == np.int16 and set(np.unique(mask).tolist()) == {0, 1, 2, 3, 4}
+    tissue = phantom.build_anatomy("abdomen", truth["patient"], image.shape, image.geometry.spacing)
+    assert abs(ct[tissue["air"] > 0.99].mean() + 1000) < 30
+    for label in ("1", "2", "3", "4"):
+        assert abs(ct[mask == int(label)].mean() - truth["scanner"]["labels"][label]) < 15
+    assert ct[mask == 2].mean() > ct[mask == 1].mean() > ct[(tissue["fat"] > 0.95) & (mask == 0)].mean()
+    assert ct.max() > 300                                       # the spine
+
+
+def test_same_seed_same_bytes_other_seed_other_case():
+    first = phantom.make_case("brain", 7, 1, **SMALL)
+    again = phantom.make_case("brain", 7, 1, **SMALL)
+    other = phantom.make_case("brain", 8, 1, **SMALL)
+    assert first[0].array.tobytes() == again[0].array.tobytes()
+    assert first[1].array.tobytes() == again[1].array.tobytes()
+    assert first[2] == again[2]
+    assert not np.array_equal(first[0].array, other[0].array)
+    assert first[0].geometry != other[0].geometry
+
+
+def _read(path):
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image
+
+
+@pytest.mark.parametrize("kind", ["brain", "abdomen"])
+def test_written_case_re_renders_exactly_with_its_geometry(tmp_path, kind):
+    names = phantom.write_dataset(tmp_path, kind, 2, seed=3, **SMALL)
+    dataset = json.loads((tmp_path / "dataset.json").read_text())
+    assert dataset["channel_names"] == {"0": "FLAIR" if kind == "brain" else "CT"}
+    assert dataset["labels"]["background"] == 0 and dataset["numTraining"] == 2
+    assert dataset["file_ending"] == ".nii.gz" and "synthetic" in dataset["description"].lower()
+    for name in names:
+        image, header = _read(tmp_path / "imagesTr" / f"{name}_0000.nii.gz")
+        labels, _ = _read(tmp_path / "labelsTr" / f"{name}.nii.gz")
+        truth = json.loads((tmp_path / "groundtruth" / f"{name}.json").read_text())
+        assert np.array_equal(phantom.render_case(truth, labels), image)
+        spacing = header.GetSpacing()
+        assert spacing[0] == pytest.approx(spacing[1]) and abs(spacing[2] - spacing[0]) > 0.05
+        assert np.linalg.norm(header.GetOrigin()) > 1
+        assert not np.allclose(np.reshape(header.GetDirection(), (3, 3)), np.eye(3), atol=1e-3)
+        written = Geometry(spacing, header.GetOrigin(), np.reshape(header.GetDirection(), (3, 3)))
+        assert written.allclose(Geometry.from_dict(truth["geometry"]))
+        assert "SYNTHETIC" in header.GetMetaData("descrip")
+
+
+def test_counterfactual_differs_only_where_the_mask_changed():
+    image, labels, truth = phantom.make_case("brain", 4, 0, **SMALL)
+    edited = labels.array.copy()
+    edited[edited == 1] = 4                                     # no necrosis: all enhancing
+    counterfactual = phantom.render_case(truth, edited)
+    changed = labels.array != edited
+    assert np.array_equal(counterfactual[~changed], image.array[~changed])
+    assert counterfactual[changed].mean() > 1.5 * image.array[changed].mean()
+    with pytest.raises(ValueError, match=r"labels \[3\]"):
+        phantom.render_case(truth, np.where(edited == 4, 3, edited))
+    with pytest.raises(ValueError, match="shape"):
+        phantom.render_case(truth, edited[:-1])
+
+
+def test_unknown_kind_and_abdomen_lesion_are_errors():
+    with pytest.raises(ValueError, match="brain, abdomen, mni"):
+        phantom.make_case("knee", **SMALL)
+    with pytest.raises(ValueError, match="organs"):
+        phantom.sample_lesion("abdomen", {}, np.random.default_rng(0))
+
+
+def test_cli_writes_refuses_non_empty_and_overwrites(tmp_path):
+    out = tmp_path / "ds"
+    args = ["phantom", "--kind", "abdomen", "--size", "32", "--slices", "16", "--out", str(out)]
+    result = CliRunner().invoke(main, args + ["--cases", "2"])
+    assert result.exit_code == 0, result.output
+    assert "[2/2] abdomen_001" in result.output
+    written = sorted(p.name for p in (out / "labelsTr").iterdir())
+    assert written == ["abdomen_000.nii.gz", "abdomen_001.nii.gz"]
+    refused = CliRunner().invoke(main, args + ["--cases", "1"])
+    assert refused.exit_code != 0 and "not empty" in refused.output
+    assert len(list((out / "imagesTr").iterdir())) == 2
+    replaced = CliRunner().invoke(main, args + ["--cases", "1", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert [p.name for p in (out / "imagesTr").iterdir()] == ["abdomen_000_0000.nii.gz"]
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 1
+
+
+def test_mni_without_nilearn_says_how_to_install(monkeypatch):
+    phantom._mni_template.cache_clear()
+    monkeypatch.setitem(sys.modules, "nilearn", None)
+    monkeypatch.setitem(sys.modules, "nilearn.datasets", None)
+    with pytest.raises(ImportError, match="pip install nilearn"):
+        phantom.make_case("mni", **SMALL)
+
+
+def test_mni_template_phantom():
+    pytest.importorskip("nilearn")
+    image, labels, truth = phantom.make_case("mni", 2, 0, **SMALL)
+    assert set(np.unique(labels.array).tolist()) == {0, 1, 2, 4}
+    tissue = phantom.build_anatomy("mni", truth["patient"], image.shape, image.geometry.spacing)
+    brain = (tissue["background"] < 0.01) & (labels.array == 0)
+    assert image.array[tissue["background"] > 0.99].mean() < 0.1 * image.array[brain].mean()
+    assert np.array_equal(phantom.render_case(truth, labels.array), image.array)
+
+
+def test_twenty_brain_cases_at_96x96x64_under_20_seconds(tmp_path):
+    start = time.perf_counter()
+    phantom.write_dataset(tmp_path, "brain", 20, size=96, slices=64)
+    elapsed = time.perf_counter() - start
+    print(f"20 brain phantoms 96x96x64 written in {elapsed:.1f} s")
+    assert elapsed < 20
