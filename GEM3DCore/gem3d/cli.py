@@ -11,6 +11,15 @@ COMMANDS = {
     "phantom": "gem3d.commands.phantom:phantom",
     "dataset": "gem3d.commands.dataset:dataset",
     "edit-mask": "gem3d.commands.edit_mask:edit_mask",
+    "generate": "gem3d.commands.generate:generate",
+    "worker": "gem3d.commands.generate:worker",
+    "enhance": "gem3d.commands.dataset_generation:enhance",
+    "harmonize": "gem3d.commands.dataset_generation:harmonize",
+    "demo": "gem3d.commands.demo:demo",
+    "train": "gem3d.commands.train:train",
+    "bundle": "gem3d.commands.bundle:bundle",
+    "import-official": "gem3d.commands.official:import_official",
+    "evaluate": "gem3d.commands.evaluate:evaluate",
 }
 
 

@@ -93,11 +93,14 @@ class Engine:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def generate(self, request: GenerateRequest, cancel: Optional[Callable[[], bool]] = None) -> Iterator[dict]:
+    def generate(self, request: GenerateRequest, cancel: Optional[Callable[[], bool]] = None, *,
+                 batch_directions: bool = True, inpaint_overlap: bool = True) -> Iterator[dict]:
+        """``batch_directions`` / ``inpaint_overlap``: benchmark and ablation switches (up and
+        down windows in one batch; known-frame replacement of the overlap), see `propagate`."""
         job = request.job_id
         try:
             with torch.inference_mode():
-                yield from self._generate(request, cancel)
+                yield from self._generate(request, cancel, batch_directions, inpaint_overlap)
         except Cancelled:
             yield {"event": "cancelled", "job_id": job}
         except (ValueError, OSError, RuntimeError) as err:
@@ -107,7 +110,8 @@ class Engine:
             log.exception("job %s crashed", job)
             yield {"event": "error", "job_id": job, "message": f"internal error: {type(err).__name__}: {err}"}
 
-    def _generate(self, request: GenerateRequest, cancel) -> Iterator[dict]:
+    def _generate(self, request: GenerateRequest, cancel, batch_directions: bool = True,
+                  inpaint_overlap: bool = True) -> Iterator[dict]:
         t0 = time.perf_counter()
         timings: Dict[str, float] = {}
         out = Path(request.out)
@@ -142,7 +146,7 @@ class Engine:
 
         output = np.zeros(prepared.reference.shape, dtype=np.float32)
         windows = propagate(self._denoiser, mask_latents, informed_latent, plan, factory, generator,
-                            cancel=cancel)
+                            batch_directions=batch_directions, cancel=cancel, replace_known=inpaint_overlap)
         t2 = time.perf_counter()
         for done, result in enumerate(windows, start=1):
             with self.autocast():

@@ -49,7 +49,7 @@ class Propagation:
                  scheduler_factory: Callable[[], object], generator: torch.Generator,
                  batch_directions: bool = True,
                  callback: Optional[Callable[[int, int], None]] = None,
-                 cancel: Optional[Callable[[], bool]] = None):
+                 cancel: Optional[Callable[[], bool]] = None, replace_known: bool = True):
         if mask_latents.dim() != 4 or mask_latents.shape[0] != plan.Z:
             raise ValueError(f"mask latents must be (Z={plan.Z}, Cm, h, w), "
                              f"got {tuple(mask_latents.shape)}")
@@ -59,6 +59,7 @@ class Propagation:
         self.denoiser, self.plan = denoiser, plan
         self.mask_latents, self.informed_latent = mask_latents, informed_latent
         self.scheduler_factory, self.callback, self.cancel = scheduler_factory, callback, cancel
+        self.replace_known = replace_known
         self._groups = plan.rounds if batch_directions else [(w,) for w in plan.windows]
         self.volume = informed_latent.new_zeros((plan.Z,) + tuple(informed_latent.shape))
         seeds = torch.randint(0, 2 ** 62, (len(plan.windows),), generator=generator,
@@ -85,6 +86,9 @@ class Propagation:
                 self.volume[window.start:window.stop] = latents
                 yield WindowResult(window.start, window.stop, window.direction, latents)
 
+    def _known(self, window: Window) -> List[int]:
+        return list(window.known) if self.replace_known else []
+
     @torch.no_grad()
     def _sample(self, group: Sequence[Window]) -> List[torch.Tensor]:
         """Sample the windows of one group together (one denoiser call per step)."""
@@ -97,7 +101,7 @@ class Propagation:
         for window, scheduler in zip(group, schedulers):
             gen = torch.Generator().manual_seed(self._seeds[window])
             noise = torch.randn(shape, generator=gen).to(like)
-            known = list(window.known)
+            known = self._known(window)
             cleans.append(self.volume[window.start:window.stop][known])
             noises.append(noise[known])
             samples.append(noise * scheduler.init_noise_sigma)
@@ -120,7 +124,7 @@ class Propagation:
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
             for b, (window, scheduler) in enumerate(zip(group, schedulers)):
                 x = scheduler.step(eps[b], t, samples[b], **step_kwargs[b]).prev_sample
-                _replace_known(scheduler, x, list(window.known), cleans[b], noises[b], t_next)
+                _replace_known(scheduler, x, self._known(window), cleans[b], noises[b], t_next)
                 samples[b] = x
             self._done += 1
             if self.callback is not None:
@@ -139,7 +143,7 @@ def propagate(denoiser: Denoiser, mask_latents: torch.Tensor, informed_latent: t
               plan: WindowPlan, scheduler_factory: Callable[[], object],
               generator: torch.Generator, batch_directions: bool = True,
               callback: Optional[Callable[[int, int], None]] = None,
-              cancel: Optional[Callable[[], bool]] = None) -> Propagation:
+              cancel: Optional[Callable[[], bool]] = None, replace_known: bool = True) -> Propagation:
     """Sample the latent volume window by window; iterate the result for ``WindowResult``s,
     read ``.volume`` at the end.
 
@@ -147,6 +151,9 @@ def propagate(denoiser: Denoiser, mask_latents: torch.Tensor, informed_latent: t
     informed_latent (B, C, h, w)) -> eps (B, n, C, h, w)``; ``scheduler_factory()`` returns a
     fresh scheduler with its timesteps set; ``cancel()`` is checked before every model
     evaluation (raises ``Cancelled``); ``callback(step, total)`` after every one.
+    ``replace_known=False`` is the paper's "without overlapped inpainting" ablation: already
+    generated slices are not written back, so a window re-samples its overlap freely (the
+    later version is kept); the informed slice still comes from the previous window.
     """
     return Propagation(denoiser, mask_latents, informed_latent, plan, scheduler_factory,
-                       generator, batch_directions, callback, cancel)
+                       generator, batch_directions, callback, cancel, replace_known)

@@ -1,0 +1,89 @@
+"""`gem3d bundle info`: what a model bundle holds, or how big a configuration's networks are."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict
+
+import click
+
+
+@click.group()
+def bundle():
+    """Model bundles (bundle.json + safetensors weights)."""
+
+
+def _counts(modules: Dict[str, object]) -> Dict[str, int]:
+    from gem3d.models import volumetric_parameters
+
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items() if m is not None}
+    if getattr(modules["unet"], "volumetric", False):
+        counts["unet (volumetric layers)"] = sum(p.numel() for p in volumetric_parameters(modules["unet"]))
+    return counts
+
+
+def _echo_counts(counts: Dict[str, int]) -> None:
+    click.echo("parameters:")
+    for name, count in counts.items():
+        click.echo(f"  {name:<26} {count:>13,}")
+
+
+def _summary(info: dict) -> None:
+    from gem3d.labels import LabelMap
+
+    prov = info["provenance"]
+    sampler = info["sampler"]
+    rows = [("name", info["name"]), ("modality", info["modality"]),
+            ("labels", str(LabelMap.from_dict(info["label_map"]))), ("intensity", info["intensity"]["kind"]),
+            ("slice size", info["slice_size"]), ("window length", info["window_length"]),
+            ("latent scale", f"{info['latent_scale']:.6g}"), ("informed slice", info["informed_slice"]),
+            ("sampler", f"{sampler['name']}, {sampler['steps']} steps"), ("volumetric", info["volumetric"]),
+            ("weights", ", ".join(info["weights"]))]
+    if "command" in prov:
+        rows.append(("trained with", prov["command"]))
+    rows += [(f"note {key}", text) for key, text in prov.get("notes", {}).items()]
+    if "dataset" in prov:
+        rows.append(("dataset", f"{prov['dataset']['path']} ({prov['dataset']['cases']} cases)"))
+    losses = prov.get("final_losses")
+    if losses:
+        rows.append(("final losses", ", ".join(f"{k} {v:.4g}" for k, v in losses.items() if v is not None)))
+    if "wall_s" in prov:
+        machine = prov.get("machine", {})
+        rows.append(("training time", f"{prov['wall_s']:.0f} s on {machine.get('device', '?')} "
+                                      f"({machine.get('cpus', '?')} CPUs, {machine.get('processes', 1)} process(es))"))
+    for key, value in rows:
+        click.echo(f"{key + ':':<15} {value}")
+
+
+@bundle.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--config", help="No bundle: count the parameters of this preset or config file's networks.")
+def info(path, config):
+    """Summarise the bundle at PATH and count its parameters (all weights are loaded and checked).
+
+    With --config instead of PATH, the networks are built on the meta device (no memory, no
+    weights) just to count their parameters, e.g. `gem3d bundle info --config paper`."""
+    import torch
+
+    from gem3d.bundle import BundleError, load_bundle
+    from gem3d.config import load_config
+    from gem3d.models import build_slice_model, build_unet, build_vae
+
+    if (path is None) == (config is None):
+        raise click.UsageError("give either a bundle folder or --config")
+    if config is not None:
+        try:
+            cfg = load_config(config)
+        except ValueError as err:
+            raise click.ClickException(str(err)) from None
+        with torch.device("meta"):
+            modules = {"vae": build_vae(cfg), "unet": build_unet(cfg, volumetric=True),
+                       "slice_model": build_slice_model(cfg)}
+        click.echo(f"config {cfg.name}: {cfg.data.slice_size} px slices, windows of {cfg.train.window}")
+        _echo_counts(_counts(modules))
+        return
+    try:
+        loaded = load_bundle(path)
+    except BundleError as err:
+        raise click.ClickException(str(err)) from None
+    _summary(loaded.info)
+    _echo_counts(_counts({"vae": loaded.vae, "unet": loaded.unet, "slice_model": loaded.slice_model}))

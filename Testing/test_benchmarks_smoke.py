@@ -1,0 +1,46 @@
+"""The benchmark scripts run at their smoke sizes and write their tables (as CI runs them)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def test_speed_smoke_writes_its_table(tmp_path):
+    result = run("speed.py", "--smoke", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "speed_smoke.json").read_text())
+    names = [(r["name"], r["Z"]) for r in report["runs"]]
+    assert names == [("z-sweep", 16), ("z-sweep", 24), ("sequential", 16), ("sequential", 24), ("ddim", 24)]
+    batched, sequential = report["runs"][1], report["runs"][3]
+    # Z=24, window 8, start 0.5: windows 12:20, up 16:24, down 5:13 and 0:8; batched -> 3 rounds
+    assert (batched["windows"], sequential["windows"]) == (4, 4)
+    assert (batched["model_calls"], sequential["model_calls"]) == (3 * 1, 4 * 1)
+    assert report["machine"]["cores"] and report["machine"]["torch"]
+    table = (tmp_path / "speed_smoke.md").read_text()
+    assert "| z-sweep | 24 | dpm++-1 | batched |" in table and "skipped on this CPU run" in table
+
+
+def test_paper_tables_quick_writes_its_tables(tmp_path):
+    result = run("paper_tables.py", "--quick", "--out-dir", str(tmp_path), "--work", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "paper_tables_quick.json").read_text())
+    assert set(report["table1"]) == {"ic", "icma", "ig", "igma", "baseline"}
+    assert set(report["table2"]) == {"GEM-3D", "baseline"}
+    assert set(report["samplers"]) == {"ddim-3", "dpm++-2", "unipc-2"}
+    assert report["downstream"]["GEM-3D 3x"]["training_volumes"] == 3 * report["budget"]["train"]
+    assert 0 < report["table2"]["GEM-3D"]["paired"]["psnr"] < 100
+    text = (tmp_path / "paper_tables_quick.md").read_text()
+    assert "## Table 2 analogue" in text and "## Downstream" in text
+    for suffix in ("montage", "table1", "samplers", "downstream"):
+        assert (tmp_path / f"paper_tables_quick_{suffix}.png").stat().st_size > 1000
