@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from gem3d.config import DiffusionConfig
 from gem3d.sampling import (
     PRESETS,
     Cancelled,
-    TrainConfig,
     make_scheduler,
     make_training_scheduler,
     plan_windows,
@@ -114,7 +114,7 @@ def test_make_scheduler_rejects_bad_specs():
     with pytest.raises(ValueError, match="steps"):
         make_scheduler("ddim", 0)
     with pytest.raises(ValueError, match="steps"):
-        scheduler_factory("unipc", 1001, TrainConfig())
+        scheduler_factory("unipc", 1001, DiffusionConfig())
 
 
 # ---------------------------------------------------------------- plan

@@ -184,6 +184,13 @@ def plots(report: dict, prefix: Path) -> List[str]:
     import matplotlib.pyplot as plt
 
     files = []
+
+    def save(fig, suffix: str):
+        fig.tight_layout()
+        files.append(str(prefix) + suffix)
+        fig.savefig(files[-1], dpi=120)
+        plt.close(fig)
+
     t1 = report["table1"]
     names = list(t1)
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -194,10 +201,7 @@ def plots(report: dict, prefix: Path) -> List[str]:
     ax.set_ylabel("Frechet distance (default extractor)")
     ax.set_title("Table 1 analogue: training masks (lower is better)")
     ax.legend()
-    fig.tight_layout()
-    files.append(str(prefix) + "_table1.png")
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "_table1.png")
 
     s = report["samplers"]
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -208,10 +212,7 @@ def plots(report: dict, prefix: Path) -> List[str]:
     ax.set_xlabel("seconds per volume")
     ax.set_ylabel("paired PSNR (dB)")
     ax.set_title("Samplers on held-out cases")
-    fig.tight_layout()
-    files.append(str(prefix) + "_samplers.png")
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "_samplers.png")
 
     d = report["downstream"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -219,10 +220,7 @@ def plots(report: dict, prefix: Path) -> List[str]:
     ax.set_ylabel("Dice (whole tumour), held-out real")
     ax.set_title("Downstream: segmenter trained on ...")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    files.append(str(prefix) + "_downstream.png")
-    fig.savefig(files[-1], dpi=120)
-    plt.close(fig)
+    save(fig, "_downstream.png")
     return files
 
 

@@ -38,7 +38,7 @@ from gem3d.io import extension, read_volume, write_volume
 from gem3d.mask_edits import apply_edits, paper_augmentation
 from gem3d.models import decode_latents, encode_masks, encode_slices, volume_condition
 from gem3d.request import GenerateRequest, RequestError
-from gem3d.sampling import Cancelled, TrainConfig, plan_windows, propagate, scheduler_factory
+from gem3d.sampling import Cancelled, plan_windows, propagate, scheduler_factory
 from gem3d.sampling.schedulers import PRESETS, DEFAULT_PRESET
 from gem3d.volume import Volume
 
@@ -84,9 +84,6 @@ class Engine:
         self.bundle = bundle.to(self.device) if isinstance(bundle, Bundle) else load_bundle(bundle, self.device)
         self.cfg = self.bundle.config
         self.normaliser = make_normaliser(self.bundle.info["intensity"])
-        d = self.cfg.diffusion
-        self.train_config = TrainConfig(d.num_train_timesteps, d.beta_start, d.beta_end, d.beta_schedule,
-                                        d.prediction_type)
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -128,7 +125,7 @@ class Engine:
         preset = PRESETS[DEFAULT_PRESET]
         sampler = request.sampler or preset["name"]
         steps = request.steps or (preset["steps"] if sampler == preset["name"] else self.cfg.diffusion.sampling_steps)
-        factory = scheduler_factory(sampler, steps, self.train_config, request.eta)
+        factory = scheduler_factory(sampler, steps, self.cfg.diffusion, request.eta)
         ranges = [grid.model_to_reference_range(w.start, w.stop) for w in plan.windows]
         yield {"event": "started", "job_id": request.job_id, "shape": list(prepared.reference.shape),
                "geometry": prepared.reference.geometry.to_dict(), "axis": grid.axis,

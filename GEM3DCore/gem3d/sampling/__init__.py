@@ -5,14 +5,13 @@ from gem3d.sampling.schedulers import (
     DEFAULT_PRESET,
     PRESETS,
     SAMPLERS,
-    TrainConfig,
     make_scheduler,
     make_training_scheduler,
     scheduler_factory,
 )
 
 __all__ = [
-    "Cancelled", "DEFAULT_PRESET", "PRESETS", "Propagation", "SAMPLERS", "TrainConfig",
+    "Cancelled", "DEFAULT_PRESET", "PRESETS", "Propagation", "SAMPLERS",
     "Window", "WindowPlan", "WindowResult", "make_scheduler", "make_training_scheduler",
     "plan_windows", "propagate", "scheduler_factory",
 ]

@@ -17,7 +17,6 @@ Choices, and why:
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
 from diffusers import (
@@ -28,6 +27,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from gem3d.config import DiffusionConfig
+
 SAMPLERS = ("ddim", "dpm++", "unipc")
 PRESETS = {
     "paper": {"name": "ddim", "steps": 200, "eta": 1.0},
@@ -36,15 +37,13 @@ PRESETS = {
 DEFAULT_PRESET = "fast"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """The diffusion process the network was trained with (diffusers' config names)."""
+NOISE_PROCESS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
+
+def noise_process(diffusion: Optional[DiffusionConfig]) -> dict:
+    """The part of a config that fixes the trained noise process, as diffusers' scheduler kwargs."""
+    diffusion = diffusion or DiffusionConfig()
+    return {name: getattr(diffusion, name) for name in NOISE_PROCESS_FIELDS}
 
 
 class EtaDDIMScheduler(DDIMScheduler):
@@ -59,16 +58,16 @@ class EtaDDIMScheduler(DDIMScheduler):
                             use_clipped_model_output, generator, variance_noise, return_dict)
 
 
-def make_scheduler(name: str, steps: int, train_config: TrainConfig = TrainConfig(),
+def make_scheduler(name: str, steps: int, diffusion: Optional[DiffusionConfig] = None,
                    eta: Optional[float] = None) -> SchedulerMixin:
     """A fresh sampling scheduler with its timesteps set (multistep solvers keep state)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
-    if not 1 <= steps <= train_config.num_train_timesteps:
-        raise ValueError(f"steps must be in 1..{train_config.num_train_timesteps}, got {steps}")
+    common = noise_process(diffusion)
+    if not 1 <= steps <= common["num_train_timesteps"]:
+        raise ValueError(f"steps must be in 1..{common['num_train_timesteps']}, got {steps}")
     if eta is not None and name != "ddim":
         raise ValueError(f"eta applies to ddim only, not to {name!r}")
-    common = asdict(train_config)
     if name == "ddim":
         scheduler = EtaDDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True,
                                      steps_offset=1, timestep_spacing="leading")
@@ -82,13 +81,13 @@ def make_scheduler(name: str, steps: int, train_config: TrainConfig = TrainConfi
     return scheduler
 
 
-def scheduler_factory(name: str, steps: int, train_config: TrainConfig = TrainConfig(),
+def scheduler_factory(name: str, steps: int, diffusion: Optional[DiffusionConfig] = None,
                       eta: Optional[float] = None) -> Callable[[], SchedulerMixin]:
     """A zero-argument maker of fresh schedulers (one per window batch), checked now."""
-    make_scheduler(name, steps, train_config, eta)
-    return functools.partial(make_scheduler, name, steps, train_config, eta)
+    make_scheduler(name, steps, diffusion, eta)
+    return functools.partial(make_scheduler, name, steps, diffusion, eta)
 
 
-def make_training_scheduler(train_config: TrainConfig = TrainConfig()) -> DDPMScheduler:
+def make_training_scheduler(diffusion: Optional[DiffusionConfig] = None) -> DDPMScheduler:
     """The training noise process (``add_noise``) with the same betas as the samplers."""
-    return DDPMScheduler(**asdict(train_config), clip_sample=False)
+    return DDPMScheduler(**noise_process(diffusion), clip_sample=False)

@@ -28,7 +28,7 @@ from gem3d.config import Config
 from gem3d.informed import generate_latent
 from gem3d.models import decode_latents, encode_slices, volume_condition, volumetric_parameters
 from gem3d.models.volumetric import is_volumetric
-from gem3d.sampling import TrainConfig, make_training_scheduler, plan_windows, propagate, scheduler_factory
+from gem3d.sampling import make_training_scheduler, plan_windows, propagate, scheduler_factory
 from gem3d.training.data import LatentCache, LatentSlices, LatentWindows
 from gem3d.training.previews import save_rows
 from gem3d.windows import PreparedCase, SliceDataset
@@ -55,11 +55,6 @@ class Stage:
     preview: Callable[[Path], Path]
 
 
-def diffusion_process(cfg: Config) -> TrainConfig:
-    d = cfg.diffusion
-    return TrainConfig(d.num_train_timesteps, d.beta_start, d.beta_end, d.beta_schedule, d.prediction_type)
-
-
 class VAELoss(nn.Module):
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -79,7 +74,7 @@ class _DiffusionLoss(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.noise = make_training_scheduler(diffusion_process(cfg))
+        self.noise = make_training_scheduler(cfg.diffusion)
         self.prediction = cfg.diffusion.prediction_type
         if self.prediction not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"config diffusion.prediction_type={self.prediction!r}: must be "
@@ -165,7 +160,7 @@ def _window_preview(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentC
             return unet(x, t, volume_condition(mask, informed_latent if cfg.informed_slice else None)).float()
 
         run = propagate(denoiser, masks, informed, plan_windows(n, n, 0.0),
-                        scheduler_factory("ddim", PREVIEW_STEPS, diffusion_process(cfg)),
+                        scheduler_factory("ddim", PREVIEW_STEPS, cfg.diffusion),
                         torch.Generator(device).manual_seed(cfg.train.seed))
         for _ in run:
             pass
@@ -203,7 +198,7 @@ def slice_stage(cfg: Config, model: nn.Module, vae: nn.Module, cache: LatentCach
     @torch.no_grad()
     def preview(path: Path) -> Path:
         device = _device(model)
-        factory = scheduler_factory("ddim", PREVIEW_STEPS, diffusion_process(cfg))
+        factory = scheduler_factory("ddim", PREVIEW_STEPS, cfg.diffusion)
         generator = torch.Generator(device).manual_seed(cfg.train.seed)
         shape = tuple(cache.images[0].shape[1:])
         latents = torch.stack([
