@@ -112,7 +112,7 @@ class Sampler(enum.Enum):
     UNIPC = "unipc"
 
     def label(self):
-        return self.value or _("bundle default")
+        return self.value or _("fast default (DPM-Solver++)")
 
 
 class Device(enum.Enum):

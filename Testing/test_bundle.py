@@ -60,7 +60,8 @@ def test_info_prints_the_summary_and_parameter_counts(saved):
     assert result.exit_code == 0, result.output
     out = result.output
     for text in ("name:           tiny", "window length:  8", "latent scale:   0.77", "volumetric:     True",
-                 "1 necrosis, 2 edema, 3 enhancing, -1 outside", "slice size:     64", "ddim, 200 steps",
+                 "1 necrosis, 2 edema, 3 enhancing, -1 outside", "slice size:     64",
+                     "dpm++, 20 steps by default; other samplers 200 steps unless --steps is given",
                  PROVENANCE["command"], "vae 0.0312, stage1 0.1234"):
         assert text in out, text
     for name, module in modules.items():

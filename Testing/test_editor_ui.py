@@ -142,7 +142,7 @@ def test_slicer_widgets_keep_their_classes(loaded_ui):
     assert isinstance(widgets["editSegmentSelector"], QWidget)
     tabs = widgets["mainTabWidget"]
     assert [tabs.tabText(i) for i in range(tabs.count())] == ["Generate", "Batch"]
-    assert widgets["stepsSpinBox"].specialValueText() == "bundle default"
+    assert widgets["stepsSpinBox"].specialValueText() == "default"
 
 
 def test_parameter_names_match_fields_and_connectable_widgets(loaded_ui):

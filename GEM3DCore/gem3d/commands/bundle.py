@@ -29,14 +29,17 @@ def _echo_counts(counts: Dict[str, int]) -> None:
 
 def _summary(info: dict) -> None:
     from gem3d.labels import LabelMap
+    from gem3d.sampling import DEFAULT_PRESET, PRESETS
 
+    fast = PRESETS[DEFAULT_PRESET]
     prov = info["provenance"]
     sampler = info["sampler"]
     rows = [("name", info["name"]), ("modality", info["modality"]),
             ("labels", str(LabelMap.from_dict(info["label_map"]))), ("intensity", info["intensity"]["kind"]),
             ("slice size", info["slice_size"]), ("window length", info["window_length"]),
             ("latent scale", f"{info['latent_scale']:.6g}"), ("informed slice", info["informed_slice"]),
-            ("sampler", f"{sampler['name']}, {sampler['steps']} steps"), ("volumetric", info["volumetric"]),
+            ("sampler", f"{fast['name']}, {fast['steps']} steps by default; "
+                        f"other samplers {sampler['steps']} steps unless --steps is given"), ("volumetric", info["volumetric"]),
             ("weights", ", ".join(info["weights"]))]
     if "command" in prov:
         rows.append(("trained with", prov["command"]))
