@@ -44,6 +44,11 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
     assert 0 < report["table2"]["GEM-3D"]["paired"]["psnr"] < 100
     text = (tmp_path / "paper_tables_quick.md").read_text()
     assert "## Table 2 analogue" in text and "## Downstream" in text
+    diff = report["paired_differences"]["GEM-3D - baseline"]["psnr"]
+    assert diff["cases"] == report["budget"]["test"] and 0 <= diff["ahead"] <= diff["cases"]
+    t2 = report["table2"]
+    assert abs(diff["mean"] - (t2["GEM-3D"]["paired"]["psnr"] - t2["baseline"]["paired"]["psnr"])) < 1e-9
+    assert "| GEM-3D - baseline | " in text
     for suffix in ("montage", "table1", "samplers", "downstream"):
         assert (tmp_path / f"paper_tables_quick_{suffix}.png").stat().st_size > 1000
 
