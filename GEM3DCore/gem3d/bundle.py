@@ -30,6 +30,11 @@ FORMAT_VERSION = 1
 PARTS = ("vae", "unet", "slice_model")
 
 
+def cpu_tensors(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies: what safetensors can write."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
 class BundleError(ValueError):
     """A bundle folder that cannot be used, with the reason."""
 
@@ -107,8 +112,7 @@ def save_bundle(path: Union[str, Path], cfg: Config, modules: Dict[str, torch.nn
     try:
         weights = {}
         for name, module in modules.items():
-            state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-            save_file(state, str(tmp / f"{name}.safetensors"), metadata={"format": FORMAT, "part": name})
+            save_file(cpu_tensors(module.state_dict()), str(tmp / f"{name}.safetensors"), metadata={"format": FORMAT, "part": name})
             weights[name] = f"{name}.safetensors"
         info = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": cfg.name,
                 **describe_config(cfg),
@@ -193,7 +197,11 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
     return Bundle(path, info, cfg, **modules).to(device)
 
 
-def parameter_counts(bundle: Bundle) -> Dict[str, int]:
-    return {name: sum(p.numel() for p in module.parameters())
-            for name, module in (("vae", bundle.vae), ("unet", bundle.unet), ("slice_model", bundle.slice_model))
-            if module is not None}
+def parameter_counts(modules: Dict[str, Optional[torch.nn.Module]]) -> Dict[str, int]:
+    """Parameters per part (None parts skipped), plus the volumetric layers' share of the UNet."""
+    from gem3d.models import volumetric_parameters
+
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items() if m is not None}
+    if getattr(modules["unet"], "volumetric", False):
+        counts["unet (volumetric layers)"] = sum(p.numel() for p in volumetric_parameters(modules["unet"]))
+    return counts

@@ -38,8 +38,7 @@ from gem3d.io import extension, read_volume, write_volume
 from gem3d.mask_edits import apply_edits, paper_augmentation
 from gem3d.models import decode_latents, encode_masks, encode_slices, volume_condition
 from gem3d.request import GenerateRequest, RequestError
-from gem3d.sampling import Cancelled, plan_windows, propagate, scheduler_factory
-from gem3d.sampling.schedulers import PRESETS, DEFAULT_PRESET
+from gem3d.sampling import Cancelled, plan_windows, propagate, resolve_sampler, scheduler_factory
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.engine")
@@ -107,8 +106,8 @@ class Engine:
             log.exception("job %s crashed", job)
             yield {"event": "error", "job_id": job, "message": f"internal error: {type(err).__name__}: {err}"}
 
-    def _generate(self, request: GenerateRequest, cancel, batch_directions: bool = True,
-                  inpaint_overlap: bool = True) -> Iterator[dict]:
+    def _generate(self, request: GenerateRequest, cancel, batch_directions: bool,
+                  inpaint_overlap: bool) -> Iterator[dict]:
         t0 = time.perf_counter()
         timings: Dict[str, float] = {}
         out = Path(request.out)
@@ -122,9 +121,7 @@ class Engine:
                                f"length {n}")
         start, informed = self._start_and_informed(request, prepared, rng)
         plan = plan_windows(Z, n, start, request.overlap)
-        preset = PRESETS[DEFAULT_PRESET]
-        sampler = request.sampler or preset["name"]
-        steps = request.steps or (preset["steps"] if sampler == preset["name"] else self.cfg.diffusion.sampling_steps)
+        sampler, steps = resolve_sampler(self.cfg.diffusion, request.sampler, request.steps)
         factory = scheduler_factory(sampler, steps, self.cfg.diffusion, request.eta)
         ranges = [grid.model_to_reference_range(w.start, w.stop) for w in plan.windows]
         yield {"event": "started", "job_id": request.job_id, "shape": list(prepared.reference.shape),

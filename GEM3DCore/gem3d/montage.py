@@ -18,12 +18,12 @@ LABEL_COLOURS = {1: (230, 60, 50), 2: (250, 210, 60), 3: (80, 200, 120), 4: (60,
 PLANES = ("axial", "coronal", "sagittal")
 
 
-def _to_grey(plane: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
+def to_grey(plane: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
     low, high = window
     return (np.clip((plane - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
-def _to_colour(plane: np.ndarray) -> np.ndarray:
+def to_colour(plane: np.ndarray) -> np.ndarray:
     rgb = np.zeros(plane.shape + (3,), dtype=np.uint8)
     for value, colour in LABEL_COLOURS.items():
         rgb[plane == value] = colour
@@ -61,8 +61,8 @@ def montage(rows: Sequence[Tuple[str, Volume, str]], centre_index: Optional[Sequ
         if kind == "image":
             lo, hi = window or tuple(np.percentile(array, [1, 99.5]))
         for c, (plane, (sy, sx)) in enumerate(zip(_planes(array, centre), aspects)):
-            rgb = _to_colour(plane) if kind == "label" else np.repeat(
-                _to_grey(plane, (lo, hi))[..., None], 3, axis=2)
+            rgb = to_colour(plane) if kind == "label" else np.repeat(
+                to_grey(plane, (lo, hi))[..., None], 3, axis=2)
             h_mm, w_mm = plane.shape[0] * sy, plane.shape[1] * sx
             scale = panel / max(h_mm, w_mm)
             size = (max(1, int(round(w_mm * scale))), max(1, int(round(h_mm * scale))))

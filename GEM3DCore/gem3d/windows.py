@@ -8,7 +8,7 @@ the order it is drawn in; call ``set_epoch`` to draw new informed slices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -120,16 +120,22 @@ class WindowDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: int) -> dict:
+    def draw(self, item: int) -> Tuple[int, np.ndarray, np.ndarray, int]:
+        """(case index, slice indices, which are real (not padding), informed index) of window
+        `item` this epoch, without copying any voxels (latent training reuses the draw)."""
         case_index, start = self.index[item]
-        case = self.cases[case_index]
-        n, z = self.window_length, case.n_slices
-        slices = start + np.arange(n)
+        z = self.cases[case_index].n_slices
+        slices = start + np.arange(self.window_length)
         valid = slices < z
-        slices = np.minimum(slices, z - 1)
         generator = torch.Generator().manual_seed(
             int(np.random.SeedSequence([self.seed, self.epoch, item]).generate_state(1)[0]))
         informed_index = int(torch.randint(int(valid.sum()), (1,), generator=generator))
+        return case_index, np.minimum(slices, z - 1), valid, informed_index
+
+    def __getitem__(self, item: int) -> dict:
+        case_index, slices, valid, informed_index = self.draw(item)
+        case = self.cases[case_index]
+        start, z = self.index[item][1], case.n_slices
         image = torch.from_numpy(case.image[slices])  # fancy indexing: a copy
         return {
             "image": image[:, None],
@@ -153,13 +159,17 @@ class SliceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def position(self, item: int) -> torch.Tensor:
+        case_index, z = self.index[item]
+        return torch.tensor(_positions(np.asarray(z), self.cases[case_index].n_slices))
+
     def __getitem__(self, item: int) -> dict:
         case_index, z = self.index[item]
         case = self.cases[case_index]
         return {
             "image": torch.from_numpy(case.image[z][None].copy()),
             "mask": torch.from_numpy(case.mask[z].copy()),
-            "position": torch.tensor(_positions(np.asarray(z), case.n_slices)),
+            "position": self.position(item),
             "case_index": case_index,
             "slice": z,
         }

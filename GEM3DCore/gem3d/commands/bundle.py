@@ -12,34 +12,25 @@ def bundle():
     """Model bundles (bundle.json + safetensors weights)."""
 
 
-def _counts(modules: Dict[str, object]) -> Dict[str, int]:
-    from gem3d.models import volumetric_parameters
-
-    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items() if m is not None}
-    if getattr(modules["unet"], "volumetric", False):
-        counts["unet (volumetric layers)"] = sum(p.numel() for p in volumetric_parameters(modules["unet"]))
-    return counts
-
-
 def _echo_counts(counts: Dict[str, int]) -> None:
     click.echo("parameters:")
     for name, count in counts.items():
         click.echo(f"  {name:<26} {count:>13,}")
 
 
-def _summary(info: dict) -> None:
-    from gem3d.labels import LabelMap
-    from gem3d.sampling import DEFAULT_PRESET, PRESETS
+def _summary(loaded) -> None:
+    from gem3d.sampling import resolve_sampler
 
-    fast = PRESETS[DEFAULT_PRESET]
+    info, diffusion = loaded.info, loaded.config.diffusion
     prov = info["provenance"]
-    sampler = info["sampler"]
+    default_sampler, default_steps = resolve_sampler(diffusion)
     rows = [("name", info["name"]), ("modality", info["modality"]),
-            ("labels", str(LabelMap.from_dict(info["label_map"]))), ("intensity", info["intensity"]["kind"]),
+            ("labels", str(loaded.label_map)), ("intensity", info["intensity"]["kind"]),
             ("slice size", info["slice_size"]), ("window length", info["window_length"]),
             ("latent scale", f"{info['latent_scale']:.6g}"), ("informed slice", info["informed_slice"]),
-            ("sampler", f"{fast['name']}, {fast['steps']} steps by default; "
-                        f"other samplers {sampler['steps']} steps unless --steps is given"), ("volumetric", info["volumetric"]),
+            ("sampler", f"{default_sampler}, {default_steps} steps by default; "
+                        f"other samplers {diffusion.sampling_steps} steps unless --steps is given"),
+            ("volumetric", info["volumetric"]),
             ("weights", ", ".join(info["weights"]))]
     if "command" in prov:
         rows.append(("trained with", prov["command"]))
@@ -67,7 +58,7 @@ def info(path, config):
     weights) just to count their parameters, e.g. `gem3d bundle info --config paper`."""
     import torch
 
-    from gem3d.bundle import BundleError, load_bundle
+    from gem3d.bundle import BundleError, load_bundle, parameter_counts
     from gem3d.config import load_config
     from gem3d.models import build_slice_model, build_unet, build_vae
 
@@ -82,11 +73,11 @@ def info(path, config):
             modules = {"vae": build_vae(cfg), "unet": build_unet(cfg, volumetric=True),
                        "slice_model": build_slice_model(cfg)}
         click.echo(f"config {cfg.name}: {cfg.data.slice_size} px slices, windows of {cfg.train.window}")
-        _echo_counts(_counts(modules))
+        _echo_counts(parameter_counts(modules))
         return
     try:
         loaded = load_bundle(path)
     except BundleError as err:
         raise click.ClickException(str(err)) from None
-    _summary(loaded.info)
-    _echo_counts(_counts({"vae": loaded.vae, "unet": loaded.unet, "slice_model": loaded.slice_model}))
+    _summary(loaded)
+    _echo_counts(parameter_counts({"vae": loaded.vae, "unet": loaded.unet, "slice_model": loaded.slice_model}))

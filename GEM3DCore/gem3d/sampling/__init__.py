@@ -7,11 +7,12 @@ from gem3d.sampling.schedulers import (
     SAMPLERS,
     make_scheduler,
     make_training_scheduler,
+    resolve_sampler,
     scheduler_factory,
 )
 
 __all__ = [
     "Cancelled", "DEFAULT_PRESET", "PRESETS", "Propagation", "SAMPLERS",
     "Window", "WindowPlan", "WindowResult", "make_scheduler", "make_training_scheduler",
-    "plan_windows", "propagate", "scheduler_factory",
+    "plan_windows", "propagate", "resolve_sampler", "scheduler_factory",
 ]

@@ -14,17 +14,15 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from gem3d.bundle import cpu_tensors
+
 KEEP = 2
 NAME = re.compile(r"^step_(\d{8})$")
-
-
-def _plain(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, ema: Dict[str, torch.Tensor],
@@ -34,18 +32,23 @@ def save_checkpoint(folder: Path, step: int, model: torch.nn.Module, ema: Dict[s
     tmp = folder / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_plain(model.state_dict()), str(tmp / "model.safetensors"))
-    save_file(_plain(ema), str(tmp / "ema.safetensors"))
+    save_file(cpu_tensors(model.state_dict()), str(tmp / "model.safetensors"))
+    save_file(cpu_tensors(ema), str(tmp / "ema.safetensors"))
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(p for p in folder.iterdir() if NAME.match(p.name))[:-KEEP]:
+    for old in _step_folders(folder)[:-KEEP]:
         shutil.rmtree(old)
     return final
 
 
+def _step_folders(folder: Path) -> List[Path]:
+    """Finished checkpoints, oldest first (temporary folders excluded)."""
+    return sorted(p for p in folder.iterdir() if NAME.match(p.name)) if folder.is_dir() else []
+
+
 def latest_checkpoint(folder: Path) -> Optional[Path]:
-    found = sorted(p for p in folder.iterdir() if NAME.match(p.name)) if folder.is_dir() else []
+    found = _step_folders(folder)
     return found[-1] if found else None
 
 

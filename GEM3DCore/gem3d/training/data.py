@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
-import numpy as np
 import torch
 from torch.utils.data import DistributedSampler, default_collate
 
@@ -102,11 +101,9 @@ class LatentWindows(torch.utils.data.Dataset):
         return len(self.windows)
 
     def __getitem__(self, item: int) -> dict:
-        w = self.windows[item]
-        c = w["case_index"]
-        z = np.minimum(w["start"] + np.arange(self.windows.window_length), self.cache.cases[c].n_slices - 1)
+        c, z, _, informed_index = self.windows.draw(item)
         latents = self.cache.images[c][z]
-        return {"latent": latents, "mask": self.cache.masks[c][z], "informed": latents[w["informed_index"]]}
+        return {"latent": latents, "mask": self.cache.masks[c][z], "informed": latents[informed_index]}
 
 
 class LatentSlices(torch.utils.data.Dataset):
@@ -121,8 +118,8 @@ class LatentSlices(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int) -> dict:
         c, z = self.slices.index[item]
-        s = self.slices[item]
-        return {"latent": self.cache.images[c][z], "mask": self.cache.masks[c][z], "position": s["position"]}
+        return {"latent": self.cache.images[c][z], "mask": self.cache.masks[c][z],
+                "position": self.slices.position(item)}
 
 
 def batches(dataset, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,

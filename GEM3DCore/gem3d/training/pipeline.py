@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import gem3d
 from gem3d import config as config_lib
-from gem3d.bundle import save_bundle
+from gem3d.bundle import cpu_tensors, save_bundle
 from gem3d.config import Config
 from gem3d.models import build_slice_model, build_unet, build_vae
 from gem3d.training import stages
@@ -38,7 +38,6 @@ from gem3d.training.distributed import Context
 from gem3d.training.trainer import fit
 
 STAGES = ("vae", "stage1", "stage2", "slice")
-STEPS = {"vae": "vae_steps", "stage1": "stage1_steps", "stage2": "stage2_steps", "slice": "slice_steps"}
 
 
 class Run:
@@ -77,7 +76,7 @@ class Run:
         return self._set
 
     def steps(self, name: str) -> int:
-        return getattr(self.cfg.train, STEPS[name])
+        return getattr(self.cfg.train, f"{name}_steps")
 
     def output(self, name: str) -> Path:
         return self.dir / "models" / f"{name}.safetensors"
@@ -85,8 +84,7 @@ class Run:
     def _save_output(self, name: str, module: torch.nn.Module, result: dict) -> None:
         if self.ctx.main:
             self.output(name).parent.mkdir(parents=True, exist_ok=True)
-            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            save_file(state, str(self.output(name)), metadata={"stage": name, "result": json.dumps(result)})
+            save_file(cpu_tensors(module.state_dict()), str(self.output(name)), metadata={"stage": name, "result": json.dumps(result)})
         self.ctx.barrier()
 
     def result(self, name: str) -> dict:
@@ -164,13 +162,11 @@ class Run:
 
     def write_bundle(self, command: str, notes: Optional[Dict[str, str]] = None) -> Path:
         """RUN_DIR/bundle from the finished stages' weights, with provenance."""
-        self.vae()
         trained = [name for name in STAGES if self.steps(name) > 0 or name == "vae"]
-        unet = self._load("stage1", build_unet(self.cfg))
-        if "stage2" in trained:
-            unet.add_volumetric_layers()
-            self._load("stage2", unet)
-        modules = {"vae": self._vae, "unet": unet}
+        # stage 2's file holds the whole UNet (its frozen stage-1 weights included)
+        unet_stage = "stage2" if "stage2" in trained else "stage1"
+        unet = self._load(unet_stage, build_unet(self.cfg, volumetric=unet_stage == "stage2"))
+        modules = {"vae": self.vae(), "unet": unet}
         if "slice" in trained:
             modules["slice_model"] = self._load("slice", build_slice_model(self.cfg))
         results = {name: self.result(name) for name in trained}

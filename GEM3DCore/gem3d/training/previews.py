@@ -8,20 +8,14 @@ from typing import Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from gem3d.montage import LABEL_COLOURS
+from gem3d.montage import to_colour, to_grey
 
 TITLE = 64  # px of row titles on the left
 
 
 def _tile(slices: np.ndarray, kind: str) -> np.ndarray:
     """(n, S, S) -> (S, n*S, 3) uint8; images are in [-1, 1], labels coloured."""
-    if kind == "label":
-        rgb = np.zeros(slices.shape + (3,), dtype=np.uint8)
-        for value, colour in LABEL_COLOURS.items():
-            rgb[slices == value] = colour
-    else:
-        grey = (np.clip((slices + 1) / 2, 0, 1) * 255).astype(np.uint8)
-        rgb = np.repeat(grey[..., None], 3, axis=-1)
+    rgb = to_colour(slices) if kind == "label" else np.repeat(to_grey(slices, (-1.0, 1.0))[..., None], 3, axis=-1)
     return np.concatenate(list(rgb), axis=1)
 
 

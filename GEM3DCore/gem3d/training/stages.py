@@ -26,8 +26,7 @@ from torch import nn
 
 from gem3d.config import Config
 from gem3d.informed import generate_latent
-from gem3d.models import decode_latents, encode_slices, volume_condition, volumetric_parameters
-from gem3d.models.volumetric import is_volumetric
+from gem3d.models import decode_latents, encode_slices, is_volumetric, volume_condition
 from gem3d.sampling import make_training_scheduler, plan_windows, propagate, scheduler_factory
 from gem3d.training.data import LatentCache, LatentSlices, LatentWindows
 from gem3d.training.previews import save_rows
@@ -130,9 +129,14 @@ def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def _preview_slices(case: PreparedCase, cfg: Config) -> np.ndarray:
+    """`train.window` slice indices spread over the case, for slice-wise previews."""
+    return np.linspace(0, case.n_slices - 1, cfg.train.window).round().astype(int)
+
+
 def vae_stage(cfg: Config, vae: nn.Module, cases: List[PreparedCase]) -> Stage:
     case = cases[0]
-    z = np.linspace(0, case.n_slices - 1, cfg.train.window).round().astype(int)
+    z = _preview_slices(case, cfg)
 
     @torch.no_grad()
     def preview(path: Path) -> Path:
@@ -181,10 +185,10 @@ def stage1(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentCache) -> 
 def stage2(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentCache) -> Stage:
     """`unet`: the trained stage-1 UNet; it gets volumetric layers and everything else freezes."""
     unet.add_volumetric_layers()
-    unet.requires_grad_(False)
-    for p in volumetric_parameters(unet):
-        p.requires_grad_(True)
     trainable = {k: p for k, p in unet.named_parameters() if is_volumetric(k)}
+    unet.requires_grad_(False)
+    for p in trainable.values():
+        p.requires_grad_(True)
     t = cfg.train
     return Stage("stage2", unet, WindowLoss(unet, cfg, shared_timestep=True), trainable,
                  LatentWindows(cache, t.window, t.seed), t.batch_size, t.stage2_steps, t.stage2_lr,
@@ -193,7 +197,7 @@ def stage2(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentCache) -> 
 
 def slice_stage(cfg: Config, model: nn.Module, vae: nn.Module, cache: LatentCache) -> Stage:
     case = cache.cases[0]
-    z = np.linspace(0, case.n_slices - 1, cfg.train.window).round().astype(int)
+    z = _preview_slices(case, cfg)
 
     @torch.no_grad()
     def preview(path: Path) -> Path:
