@@ -27,6 +27,7 @@ montage in --out-dir (default benchmarks/results); work files in --work.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -155,14 +156,11 @@ def downstream(b: dict, test: Path, sets: Dict[str, List[Path]]) -> Dict[str, di
     from gem3d.datasets import open_dataset
     from gem3d.evaluation.adherence import dice_scores
     from gem3d.evaluation.segmenter import train_segmenter
-    from gem3d.evaluation.volumes import read_case, to_unit, unit_range
+    from gem3d.evaluation.volumes import read_unit_case
 
+    @functools.lru_cache(maxsize=None)  # the sets share folders (real, re-sample 1, ...)
     def load(folder: Path):
-        out = []
-        for case in open_dataset(folder).cases:
-            image, mask = read_case(case)
-            out.append((to_unit(image, unit_range(image)), mask))
-        return out
+        return [read_unit_case(case) for case in open_dataset(folder).cases]
 
     test_cases = load(test)
     results = {}

@@ -182,6 +182,10 @@ class ModelGrid:
         self._check_range(z0, z1)
         return (self.n_slices - z1, self.n_slices - z0) if self.flipped else (z0, z1)
 
+    def reorient(self, array: np.ndarray) -> np.ndarray:
+        """Reference array (z, y, x) -> the model's axial view (slice, row, col), no resampling."""
+        return np.flip(np.transpose(array, self.order), [a for a in range(3) if self.flips[a]])
+
     def to_model(self, array: np.ndarray, kind: str = "image", pad_value: float = 0.0) -> np.ndarray:
         """Reference array (z, y, x) -> model array (Z, S, S); float32 images, labels keep dtype."""
         _check_kind(kind)
@@ -189,8 +193,7 @@ class ModelGrid:
         if array.shape != self.reference_shape:
             raise ValueError(f"array shape {array.shape} does not match the reference grid "
                              f"{self.reference_shape}")
-        reoriented = np.transpose(array, self.order)
-        reoriented = np.flip(reoriented, [a for a in range(3) if self.flips[a]])
+        reoriented = self.reorient(array)
         rows, cols = self._rows, self._cols
         if kind == "label":
             return _resample_labels(reoriented, rows.to_model_indices(), cols.to_model_indices(), pad_value)

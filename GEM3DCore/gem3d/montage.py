@@ -57,7 +57,7 @@ def montage(rows: Sequence[Tuple[str, Volume, str]], centre_index: Optional[Sequ
     for r, (title, volume, kind) in enumerate(rows):
         if volume.shape != reference.shape:
             raise ValueError(f"montage row {title!r}: shape {volume.shape} differs from {reference.shape}")
-        array = np.flip(np.transpose(volume.array, grid.order), [a for a in range(3) if grid.flips[a]])
+        array = grid.reorient(volume.array)
         if kind == "image":
             lo, hi = window or tuple(np.percentile(array, [1, 99.5]))
         for c, (plane, (sy, sx)) in enumerate(zip(_planes(array, centre), aspects)):

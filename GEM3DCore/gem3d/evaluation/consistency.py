@@ -16,12 +16,13 @@ Foreground: either voxel of a pair above 0.05. Voxel samples are thinned to at m
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 from scipy.stats import wasserstein_distance
 
-FOREGROUND = 0.05
+from gem3d.evaluation.volumes import FOREGROUND
+
 MAX_SAMPLES = 200_000
 MEASURES = ("isd", "grad_coronal", "grad_sagittal", "seam")
 
@@ -32,10 +33,14 @@ def _thin(values: np.ndarray) -> np.ndarray:
     return values[::step].astype(np.float64)
 
 
+def _slice_pairs(volume: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(|x[z+1] - x[z]|, whether either voxel of the pair is foreground)."""
+    return np.abs(np.diff(volume, axis=0)), np.maximum(volume[1:], volume[:-1]) > FOREGROUND
+
+
 def interslice_differences(volume: np.ndarray) -> np.ndarray:
     """|x[z+1] - x[z]| of the pairs with a foreground voxel (a flat array)."""
-    diff = np.abs(np.diff(volume, axis=0))
-    keep = np.maximum(volume[1:], volume[:-1]) > FOREGROUND
+    diff, keep = _slice_pairs(volume)
     return diff[keep]
 
 
@@ -55,8 +60,7 @@ def plane_gradients(volume: np.ndarray, plane: str) -> np.ndarray:
 
 def seam_profile(volume: np.ndarray) -> np.ndarray:
     """d(z) / median(d) for each slice pair z (pairs without foreground are left out)."""
-    diff = np.abs(np.diff(volume, axis=0))
-    keep = np.maximum(volume[1:], volume[:-1]) > FOREGROUND
+    diff, keep = _slice_pairs(volume)
     counts = keep.sum(axis=(1, 2))
     d = (diff * keep).sum(axis=(1, 2))[counts > 0] / counts[counts > 0]
     median = np.median(d) if len(d) else 0.0

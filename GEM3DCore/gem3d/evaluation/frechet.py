@@ -12,13 +12,14 @@ non-negative for covariance matrices; round-off is clipped), as torchmetrics com
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 import torch
 
+from gem3d.evaluation.volumes import FOREGROUND
+
 PLANES = ("axial", "coronal", "sagittal")
-FOREGROUND = 0.05  # a voxel above this (on the [0, 1] scale) is foreground
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -74,6 +75,6 @@ class FrechetPlanes:
         for plane in PLANES:
             self.features[side][plane].append(extract(self.extractor, planes(volume, plane, self.count)))
 
-    def distances(self, plane_names: Sequence[str] = PLANES) -> Dict[str, float]:
+    def distances(self) -> Dict[str, float]:
         return {p: frechet_distance(np.concatenate(self.features["real"][p]),
-                                    np.concatenate(self.features["synthetic"][p])) for p in plane_names}
+                                    np.concatenate(self.features["synthetic"][p])) for p in PLANES}

@@ -19,10 +19,10 @@ import numpy as np
 from gem3d.evaluation.adherence import PhantomBrainRule, Segmenter, dice_scores
 from gem3d.evaluation.consistency import ConsistencyStats
 from gem3d.evaluation.extractors import make_extractor
-from gem3d.evaluation.frechet import PLANES, FrechetPlanes
+from gem3d.evaluation.frechet import FrechetPlanes
 from gem3d.evaluation.metrics import ms_ssim_scales, paired_metrics
 from gem3d.datasets import open_dataset
-from gem3d.evaluation.volumes import pair_cases, read_case, to_unit, unit_range
+from gem3d.evaluation.volumes import pair_cases, read_case, read_unit_case, to_unit, unit_range
 
 
 def make_segmenter(spec: str, real_path) -> Optional[Segmenter]:
@@ -39,12 +39,11 @@ def make_segmenter(spec: str, real_path) -> Optional[Segmenter]:
     if spec == "train" or spec.startswith("train:"):
         from gem3d.evaluation.segmenter import train_segmenter
         dataset = open_dataset(real_path)
-        cases = [read_case(c) for c in dataset.cases if c.mask is not None]
+        cases = [read_unit_case(c) for c in dataset.cases if c.mask is not None]
         if not cases:
             raise ValueError(f"{real_path}: no case with a mask to train a segmenter on")
         steps = int(spec[6:]) if spec.startswith("train:") else 300
-        return train_segmenter([(to_unit(image, unit_range(image)), mask) for image, mask in cases],
-                               [v for v in dataset.label_map.values if v > 0], steps=steps)
+        return train_segmenter(cases, [v for v in dataset.label_map.values if v > 0], steps=steps)
     if spec == "auto":
         truths = sorted((Path(real_path) / "groundtruth").glob("*.json"))[:1]
         kind = json.loads(truths[0].read_text()).get("kind") if truths else None
@@ -69,8 +68,7 @@ def evaluate(real, synthetic, paired: bool = False, extractor: str = "default", 
 
     for i, case in enumerate(real_cases, 1):
         progress(f"real {i}/{len(real_cases)} {case.case_id}")
-        image, mask = read_case(case)
-        volume = to_unit(image, unit_range(image))
+        volume, mask = read_unit_case(case)
         fid.add("real", volume)
         consistency.add("real", volume)
         if judge is not None and mask is not None:
@@ -102,7 +100,7 @@ def evaluate(real, synthetic, paired: bool = False, extractor: str = "default", 
         "synthetic": {"path": str(synthetic), "cases": len(synthetic_cases)},
         "extractor": {"spec": extractor, "name": net.name, "dim": int(net.dim), "input_size": int(net.input_size),
                       "planes_per_volume": planes_per_volume},
-        "fid": fid.distances(PLANES),
+        "fid": fid.distances(),
         "consistency": consistency.distances(),
         "paired": None,
         "adherence": None,

@@ -17,19 +17,18 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from gem3d.datasets import Case, open_dataset
+from gem3d.datasets import Case
 from gem3d.grid import ModelGrid
 from gem3d.io import read_volume
 from gem3d.volume import Volume
 
 SYNTHETIC_SUFFIX = re.compile(r"_syn\d+$")
+FOREGROUND = 0.05  # a voxel above this (on the [0, 1] scale) is foreground
 
 
 def axial_view(volume: Volume) -> np.ndarray:
     """The array reordered to (slice, row, col) of the model's axial view (no resampling)."""
-    grid = ModelGrid.fit(volume.geometry, volume.shape, max(volume.shape))
-    array = np.transpose(volume.array, grid.order)
-    return np.flip(array, [a for a in range(3) if grid.flips[a]])
+    return ModelGrid.fit(volume.geometry, volume.shape, max(volume.shape)).reorient(volume.array)
 
 
 def unit_range(array: np.ndarray) -> Tuple[float, float]:
@@ -48,10 +47,6 @@ def source_id(case_id: str) -> str:
     return SYNTHETIC_SUFFIX.sub("", case_id)
 
 
-def list_cases(path) -> List[Case]:
-    return list(open_dataset(path).cases)
-
-
 def read_case(case: Case) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(image, mask or None), axial-first, image in its file's units (float32)."""
     image = read_volume(case.image, case.channel)
@@ -60,6 +55,12 @@ def read_case(case: Case) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         raise ValueError(f"{case.case_id}: mask shape {mask.shape} differs from image shape {image.shape}")
     return (axial_view(image).astype(np.float32),
             None if mask is None else np.round(axial_view(mask)).astype(np.int16))
+
+
+def read_unit_case(case: Case) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """`read_case` with the image on its own [0, 1] scale (`unit_range`)."""
+    image, mask = read_case(case)
+    return to_unit(image, unit_range(image)), mask
 
 
 def pair_cases(real: List[Case], synthetic: List[Case]) -> List[Tuple[Case, Case]]:
