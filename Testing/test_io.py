@@ -9,8 +9,9 @@ import SimpleITK as sitk
 import slicerio
 from scipy.spatial.transform import Rotation
 
-from gem3d.io import (Not3DImageError, _write_atomically, nifti_nonfinite_count, read_description, read_metadata,
+from gem3d.io import (Not3DImageError, nifti_nonfinite_count, read_description, read_metadata,
                       read_segmentation, read_volume, write_segmentation, write_volume)
+from gem3d.outputs import partial_files, write_atomically
 from gem3d.volume import Geometry, Volume
 
 AXIS = np.array([1.0, 2.0, 3.0]) / np.linalg.norm([1.0, 2.0, 3.0])
@@ -100,7 +101,7 @@ def test_a_failed_write_leaves_no_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _write_atomically(target, half_write)
+        write_atomically(target, half_write)
     assert list(tmp_path.iterdir()) == []
 
 

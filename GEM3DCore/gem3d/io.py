@@ -1,16 +1,16 @@
 """Read and write volumes (NIfTI, NRRD, MetaImage, DICOM series) and Slicer `.seg.nrrd`
 segmentations, always with their geometry (LPS, see `volume.py`).
 
-Writes are atomic (a temporary file in the target folder, then `os.replace`) and never
-replace an existing file unless asked, so a crash or a second writer never leaves a
-half-written or silently overwritten volume.
+Writes are atomic and verified (`gem3d.outputs.write_atomically`: a temporary file in the
+target folder, fsync, read back, rename) and never replace an existing file unless asked, so
+a crash, a full disk or a second writer never leaves a half-written or silently overwritten
+volume.
 """
 from __future__ import annotations
 
 import gzip
 import os
 import re
-import uuid
 import zlib
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .outputs import write_atomically
 from .volume import Geometry, Volume
 
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
@@ -84,16 +85,16 @@ def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader) -> None:
         if actual < expected:
             raise ValueError(f"cannot read {path}: truncated file ({actual} of {expected} bytes)")
         return
-    with open(path, "rb") as f:  # gzip trailer: uncompressed size mod 2**32
-        f.seek(-4, os.SEEK_END)
-        if int.from_bytes(f.read(4), "little") == expected % 2**32:
-            return
-    try:  # several gzip members, or trailing data: decompress to be sure
+    total = 0
+    try:  # decompress it all: only the CRC check finds bytes garbled mid-file
         with gzip.open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+            for block in iter(lambda: f.read(1 << 24), b""):
+                total += len(block)
     except (OSError, EOFError, zlib.error) as error:
-        raise ValueError(f"cannot read {path}: truncated or corrupt gzip data ({error})") from None
+        raise ValueError(f"cannot read {path}: truncated or corrupt gzip data ({error}); "
+                         "copy or download the file again") from None
+    if total < expected:
+        raise ValueError(f"cannot read {path}: truncated file ({total} of {expected} bytes once decompressed)")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -150,8 +151,21 @@ def write_volume(volume: Volume, path, description: Optional[str] = None,
             image.SetMetaData("ITK_FileNotes", description[:NIFTI_DESCRIP_LENGTH])
         else:
             image.SetMetaData(DESCRIPTION_KEY, description)
-    _write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True))
+    write_atomically(path, lambda tmp: sitk.WriteImage(image, str(tmp), useCompression=True),
+                     lambda tmp: _verify_written(tmp, image.GetSize()), _raw_bytes(array))
     return path
+
+
+def _raw_bytes(array: np.ndarray) -> int:
+    """Uncompressed size plus a header: what an output may need on disk at most."""
+    return int(array.nbytes) + (64 << 10)
+
+
+def _verify_written(path: Path, size) -> None:
+    """Read the written file back (complete, right size) before it replaces anything."""
+    image = _read_file(path)
+    if image.GetSize() != size:
+        raise ValueError(f"{path}: wrote a {image.GetSize()} image instead of {size}")
 
 
 def _check_target(path: Path, overwrite: bool) -> None:
@@ -159,16 +173,6 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{uuid.uuid4().hex[:12]}.{path.name}")  # same ending: it picks the writer
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def nifti_nonfinite_count(path, channel: Optional[int] = None) -> int:
@@ -247,8 +251,11 @@ def _geometry_from_ijk_to_lps(matrix) -> Geometry:
     return Geometry(spacing, matrix[:3, 3], matrix[:3, :3] / spacing)
 
 
-def write_segmentation(label_volume: Volume, path, segments: List[dict], overwrite: bool = False) -> Path:
+def write_segmentation(label_volume: Volume, path, segments: List[dict], overwrite: bool = False,
+                       description: Optional[str] = None) -> Path:
     """Write a label volume as a Slicer `.seg.nrrd`, one segment per dict(name, label_value[, color]).
+
+    `description` marks the file (header key DESCRIPTION_KEY, as for `write_volume`'s NRRD).
 
     Every non-zero label in the volume must have a segment: Slicer would hide the others.
     """
@@ -275,5 +282,8 @@ def write_segmentation(label_volume: Volume, path, segments: List[dict], overwri
                       "color": list(s.get("color") or DEFAULT_COLORS[(value - 1) % len(DEFAULT_COLORS)])}
                      for s, value in zip(segments, values)],
     }
-    _write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation))
+    if description is not None:
+        segmentation[DESCRIPTION_KEY] = description
+    write_atomically(path, lambda tmp: slicerio.write_segmentation(str(tmp), segmentation),
+                     lambda tmp: _read_file(tmp), _raw_bytes(segmentation["voxels"]))
     return path

@@ -61,6 +61,7 @@ class GenerateRequest:
     overlap: int = 1
     device: str = "auto"
     overwrite: bool = False
+    allow_empty_mask: bool = False
 
     def __post_init__(self):
         if self.start is not None and not 0.0 <= float(self.start) <= 1.0:

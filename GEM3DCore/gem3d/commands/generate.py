@@ -68,8 +68,9 @@ def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
 @click.option("--mask-out", type=click.Path(dir_okay=False), default=None,
               help="Also write the mask that was used (after edits).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (never an input).")
+@click.option("--allow-empty-mask", is_flag=True, help="Accept a mask without labels (a healthy counterfactual).")
 def generate(bundle, mask, reference, informed, informed_from, informed_slice, informed_position, start, edits,
-             augment, sampler, steps, eta, seed, device, out, mask_out, overwrite):
+             augment, sampler, steps, eta, seed, device, out, mask_out, overwrite, allow_empty_mask):
     """Generate a synthetic volume from a mask and an informed slice."""
     from gem3d.engine import Engine
 
@@ -78,7 +79,8 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
             reference=reference, mask=mask, out=out, mask_out=mask_out, bundle=bundle,
             informed=InformedSpec(informed, informed_from, informed_slice, informed_position),
             start=start, edits=json.loads(Path(edits).read_text()) if edits else [], augment=augment,
-            sampler=sampler, steps=steps, eta=eta, seed=seed, device=device, overwrite=overwrite)
+            sampler=sampler, steps=steps, eta=eta, seed=seed, device=device, overwrite=overwrite,
+            allow_empty_mask=allow_empty_mask)
         engine = Engine(bundle or default_bundle(), device)
     except (RequestError, ValueError, OSError) as err:
         raise click.ClickException(str(err))

@@ -1,0 +1,171 @@
+"""Outputs: planned and checked before any work, written atomically and verified.
+
+`check_outputs` runs when a job starts, so a read-only folder, a full disk or an output that
+would replace an input is found before minutes of sampling, not after. `write_atomically`
+writes into a temporary file in the destination folder, fsyncs it, verifies it and renames it
+into place: a reader sees the old file or the complete new one, never a partial one, and a
+failed write leaves nothing behind (leftovers of a killed process are removed by the next
+write to the same path).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, Union
+
+PathLike = Union[str, Path]
+PARTIAL = ".gem3d-partial."  # prefix of temporary files: recognisable, hidden, same ending
+PROBE_LIMIT = 64 << 20
+
+
+class OutputError(ValueError):
+    """An output that must not or cannot be written, with what to do instead."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_outputs(outputs: Dict[str, PathLike], inputs: Iterable[Optional[PathLike]] = (),
+                  overwrite: bool = False, expected_bytes: int = 0,
+                  protected: Iterable[PathLike] = ()) -> None:
+    """Refuse, before any work, outputs that equal an input, lie inside a `protected` folder
+    (a source dataset), exist without `overwrite`, collide with each other, or whose folder is
+    missing, not writable or short of `expected_bytes` of free space. `outputs`: {name: path},
+    the name is what the user typed (e.g. "--mask-out")."""
+    sources = {Path(p).resolve(): Path(p) for p in inputs if p}
+    folders = [Path(p).resolve() for p in protected if p]
+    seen: Dict[Path, str] = {}
+    for name, path in outputs.items():
+        path = Path(path)
+        resolved = path.resolve()
+        if resolved in sources:
+            raise OutputError(f"{name} {path} would overwrite an input ({sources[resolved]}); "
+                              "choose another output path")
+        for folder in folders:
+            if _inside(resolved, folder):
+                raise OutputError(f"{name} {path} is inside the source dataset {folder}, which is never "
+                                  "written to; choose an output outside it")
+        if resolved in seen:
+            raise OutputError(f"{name} and {seen[resolved]} are the same file {path}; give them different paths")
+        seen[resolved] = name
+        if path.is_dir():
+            raise OutputError(f"{name} {path} is a folder; give a file name")
+        if path.exists() and not overwrite:
+            raise OutputError(f"{name} {path} exists; choose another path or allow overwriting (--overwrite)")
+    for folder in {Path(p).resolve().parent for p in outputs.values()}:
+        check_folder(folder, expected_bytes)
+
+
+def check_folder(folder: Path, expected_bytes: int = 0) -> None:
+    """The folder exists, a file can be created in it, and it has `expected_bytes` free."""
+    if not folder.is_dir():
+        raise OutputError(f"the output folder {folder} does not exist; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=PARTIAL, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write in the output folder {folder}: {err.strerror}; "
+                          "choose a folder you can write to") from None
+    free = shutil.disk_usage(folder).free
+    if free < expected_bytes:
+        raise OutputError(f"the output folder {folder} has {free / 2**20:.1f} MiB free but the outputs "
+                          f"need up to {expected_bytes / 2**20:.1f} MiB; free some space or choose another folder")
+
+
+def partial_files(folder: Path) -> list:
+    """Temporary files of unfinished writes in `folder` (for cleanup and for tests)."""
+    return sorted(folder.glob(PARTIAL + "*")) if folder.is_dir() else []
+
+
+def write_atomically(path: PathLike, write: Callable[[Path], None],
+                     verify: Optional[Callable[[Path], None]] = None, expected_bytes: int = 0) -> Path:
+    """`write(tmp)` into a temporary file next to `path`, fsync, check it is not empty and
+    passes `verify(tmp)`, then rename it to `path`. On any failure the temporary file is
+    removed and the error says why; when the writer's own message hides a full disk, the
+    OS's message (e.g. "No space left on device") is reported instead."""
+    path = Path(path)
+    for stale in path.parent.glob(f"{PARTIAL}*.{path.name}"):
+        stale.unlink()
+    tmp = path.with_name(f"{PARTIAL}{uuid.uuid4().hex[:12]}.{path.name}")  # same ending: same format
+    try:
+        try:
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if tmp.stat().st_size == 0:
+                raise OSError(f"cannot write {path}: the written file is empty")
+            if verify is not None:
+                verify(tmp)
+        except (OSError, RuntimeError, ValueError) as err:
+            reason = _space_problem(path.parent, expected_bytes or PROBE_LIMIT)
+            if reason:
+                raise OSError(f"cannot write {path}: {reason}") from None
+            if isinstance(err, OSError) and err.strerror:
+                raise OSError(f"cannot write {path}: {err.strerror}") from None
+            raise
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_folder(path.parent)
+    return path
+
+
+def write_text_atomically(path: PathLike, text: str) -> Path:
+    """A text file (provenance, dataset.json) written the same way, its size checked."""
+    data = text.encode("utf-8")
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+
+    def verify(tmp: Path) -> None:
+        if tmp.stat().st_size != len(data):
+            raise OSError(f"{tmp.stat().st_size} of {len(data)} bytes written")
+
+    return write_atomically(path, write, verify, len(data))
+
+
+def _space_problem(folder: Path, size: int) -> Optional[str]:
+    """The OS's error when `size` bytes cannot be written in `folder` (full disk, quota, file
+    size limit); None when they can."""
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=PARTIAL, dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            block = b"\0" * (1 << 20)
+            left = min(size, PROBE_LIMIT)
+            while left > 0:
+                f.write(block[:left])
+                left -= len(block)
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        if probe and os.path.exists(probe):
+            os.unlink(probe)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
