@@ -1,56 +1,71 @@
 """`gem3d worker`: the engine behind a stdio JSON-lines protocol (docs/worker-protocol.md).
 
-A reader thread parses stdin so that a `cancel` reaches a running job between
-two sampler steps; jobs run one at a time on the main thread. stdout carries
-only protocol lines (everything else that prints is sent to stderr), window
-slabs travel as `.npy` files next to the output.
+A reader thread parses stdin (`gem3d.protocol.parse_message`: any line gives a request or an
+`error` event, never an exception), so that a `cancel` reaches a running job between two
+sampler steps; jobs run one at a time on the main thread, with `heartbeat` events while they
+run. stdout carries only protocol lines (everything else that prints is sent to stderr),
+window slabs travel as `.npy` files next to the output.
+
+EOF on stdin: the running job finishes, every job still queued is answered with an `error`
+event, and the worker exits 0.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Dict, IO, Optional
 
 import numpy as np
 
-from gem3d.request import GenerateRequest, RequestError
+from gem3d.outputs import write_atomically
+from gem3d.protocol import error_event, parse_message, read_lines
+from gem3d.request import RequestError
 
 log = logging.getLogger("gem3d.worker")
 _EOF = object()
+HEARTBEAT_S = 5.0
 
 
 class Worker:
-    def __init__(self, events: IO[str], bundle: Optional[str] = None, device: str = "auto"):
+    def __init__(self, events: IO[str], bundle: Optional[str] = None, device: str = "auto",
+                 heartbeat: float = HEARTBEAT_S):
         self.events = events
         self.default_bundle = bundle
         self.device = device
+        self.heartbeat = heartbeat
         self.requests: "queue.Queue" = queue.Queue()
         self.cancelled = set()
         self.engines: Dict[tuple, object] = {}
+        self.eof = threading.Event()
+        self._emit_lock = threading.Lock()
 
     def emit(self, event: dict) -> None:
-        self.events.write(json.dumps(event) + "\n")
-        self.events.flush()
+        line = json.dumps(event, default=str) + "\n"
+        with self._emit_lock:
+            self.events.write(line)
+            self.events.flush()
 
     def read(self, stdin: IO[str]) -> None:
         """Reader thread: cancels take effect at once, everything else is queued in order."""
-        for line in stdin:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError as err:
-                self.requests.put({"type": "invalid", "message": f"not a JSON line ({err.msg}): {line[:80]}"})
-                continue
-            if isinstance(message, dict) and message.get("type") == "cancel":
-                self.cancelled.add(message.get("job_id"))
-            self.requests.put(message)
-        self.requests.put(_EOF)
+        try:
+            for line in read_lines(stdin):
+                if not line.strip():
+                    continue
+                message = parse_message(line)
+                if message.get("type") == "cancel":
+                    self.cancelled.add(message["job_id"])
+                self.requests.put(message)
+        except (OSError, ValueError) as err:  # stdin broken or undecodable: treated as its end
+            log.warning("stopped reading stdin: %s", err)
+        finally:
+            self.eof.set()
+            self.requests.put(_EOF)
 
     def serve(self, stdin: IO[str]) -> int:
         threading.Thread(target=self.read, args=(stdin,), daemon=True).start()
@@ -58,40 +73,66 @@ class Worker:
             message = self.requests.get()
             if message is _EOF:
                 return 0
-            self.handle(message)
+            try:
+                self.handle(message)
+            except BrokenPipeError:  # stdout gone: nobody left to answer
+                return 1
 
-    def handle(self, message) -> None:
-        kind = message.get("type") if isinstance(message, dict) else None
-        job_id = message.get("job_id") if isinstance(message, dict) else None
-        if kind == "cancel":
+    def handle(self, message: dict) -> None:
+        if message.get("event") == "error":
+            self.emit(message)
+            return
+        if message["type"] == "cancel":
             return  # already noted by the reader; a cancel for a finished job is a no-op
-        if kind == "invalid":
-            self.emit({"event": "error", "job_id": None, "message": message["message"]})
+        job_id = message["job_id"]
+        if self.eof.is_set():
+            self.emit(error_event(f"job {job_id} was not started: the worker's input closed (EOF) before "
+                                  "it began; send it again to a running worker", job_id))
             return
-        if kind != "generate":
-            self.emit({"event": "error", "job_id": job_id,
-                       "message": f"unknown request type {kind!r}; expected 'generate' or 'cancel'"})
+        if job_id in self.cancelled:
+            self.emit({"event": "cancelled", "job_id": job_id})
             return
+        beat = threading.Event()
+        threading.Thread(target=self._heartbeats, args=(job_id, beat), daemon=True).start()
         try:
-            request = GenerateRequest.from_dict(message)
+            self._run(message["request"])
+        except Exception as err:  # a bug: still an answer, the traceback in the log
+            log.exception("job %s crashed", job_id)
+            self.emit(error_event(f"internal error: {type(err).__name__}: {err}", job_id))
+        finally:
+            beat.set()
+
+    def _run(self, request) -> None:
+        job_id = request.job_id
+        try:
             bundle = request.bundle or self.default_bundle
             if not bundle:
                 raise RequestError("the request names no bundle and the worker was started without one")
             engine = self.engine(bundle, request.device if request.device != "auto" else self.device)
-        except (ValueError, OSError, RuntimeError) as err:
-            self.emit({"event": "error", "job_id": job_id, "message": str(err)})
-            return
-        if request.job_id in self.cancelled:
-            self.emit({"event": "cancelled", "job_id": request.job_id})
+        except Exception as err:
+            log.debug("job %s: no engine", job_id, exc_info=True)
+            self.emit(error_event(str(err) or type(err).__name__, job_id))
             return
         folder = Path(request.out).with_name(Path(request.out).name + ".windows")
-        for index, event in enumerate(engine.generate(request, cancel=lambda: request.job_id in self.cancelled)):
+        events = engine.generate(request, cancel=lambda: job_id in self.cancelled)
+        for index, event in enumerate(events):
             if "slab" in event:
-                folder.mkdir(exist_ok=True)
-                path = folder / f"{request.job_id}_{index:04d}.npy"
-                np.save(path, event.pop("slab"))
+                slab = event.pop("slab")
+                path = folder / f"{job_id}_{index:04d}.npy"
+                try:
+                    folder.mkdir(exist_ok=True)
+                    write_atomically(path, lambda tmp: np.save(tmp, slab), expected_bytes=slab.nbytes)
+                except OSError as err:
+                    events.close()
+                    self.emit(error_event(f"cannot write the window slab {path}: {err}", job_id))
+                    return
                 event["path"] = str(path)
             self.emit(event)
+
+    def _heartbeats(self, job_id: str, stop: threading.Event) -> None:
+        start = time.monotonic()
+        while not stop.wait(self.heartbeat):
+            self.emit({"event": "heartbeat", "job_id": job_id, "elapsed": round(time.monotonic() - start, 1)})
 
     def engine(self, bundle: str, device: str):
         from gem3d.engine import Engine
@@ -102,9 +143,10 @@ class Worker:
         return self.engines[key]
 
 
-def main(bundle: Optional[str] = None, device: str = "auto") -> int:
+def main(bundle: Optional[str] = None, device: str = "auto", heartbeat: float = HEARTBEAT_S) -> int:
     """Serve until EOF on stdin. stdout is reserved for events."""
     events = sys.stdout
     sys.stdout = sys.stderr
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="gem3d-worker %(levelname)s %(message)s")
-    return Worker(events, bundle, device).serve(sys.stdin)
+    stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")  # bad bytes: a bad line
+    return Worker(events, bundle, device, heartbeat).serve(stdin)

@@ -95,8 +95,10 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
               help="Bundle for requests that name none (default: the demo bundle).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def worker(bundle, device):
+@click.option("--heartbeat", type=click.FloatRange(min=0.05), default=5.0, show_default=True,
+              help="Seconds between heartbeat events while a job runs.")
+def worker(bundle, device, heartbeat):
     """Serve generation requests: JSON lines on stdin, events on stdout (docs/worker-protocol.md)."""
     from gem3d.worker import main
 
-    sys.exit(main(str(bundle or default_bundle()), device))
+    sys.exit(main(str(bundle or default_bundle()), device, heartbeat))
