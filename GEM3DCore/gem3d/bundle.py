@@ -28,6 +28,8 @@ from gem3d.labels import LabelMap
 FORMAT = "gem3d-bundle"
 FORMAT_VERSION = 1
 PARTS = ("vae", "unet", "slice_model")
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def cpu_tensors(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -160,9 +162,15 @@ def read_info(path: Union[str, Path]) -> dict:
 def _check_tensors(file: Path, module: torch.nn.Module, part: str) -> None:
     if not file.is_file():
         raise BundleError(f"{file}: weights of '{part}' are missing")
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    with safe_open(str(file), framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    state = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    except Exception as err:  # safetensors raises its own SafetensorError, OSError...
+        raise BundleError(f"{file}: not a readable safetensors file ({err}); it is truncated or "
+                          "corrupt, copy or export the bundle again") from None
     problems = []
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing:
@@ -173,8 +181,29 @@ def _check_tensors(file: Path, module: torch.nn.Module, part: str) -> None:
               if found[k] != expected[k]]
     if shapes:
         problems.append(f"{len(shapes)} with other shapes (e.g. {shapes[:3]})")
+    wrong = [f"{k}: {dtypes[k]} != {SAFETENSORS_DTYPES.get(state[k].dtype, state[k].dtype)}"
+             for k in sorted(set(found) & set(expected))
+             if dtypes[k] != SAFETENSORS_DTYPES.get(state[k].dtype, dtypes[k])]
+    if wrong:
+        problems.append(f"{len(wrong)} with another dtype (e.g. {wrong[:3]})")
     if problems:
         raise BundleError(f"{file}: tensors do not match the configured '{part}': " + "; ".join(problems))
+
+
+def _load_finite(file: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of `file`; a NaN/Inf weight would silently give a NaN volume."""
+    try:
+        tensors = load_file(str(file))
+    except Exception as err:
+        raise BundleError(f"{file}: cannot read its tensors ({err}); the file is corrupt, copy or export "
+                          "the bundle again") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise BundleError(f"{file}: tensor '{name}' holds {bad} NaN/Inf values of {tensor.numel()}; "
+                                  "the weights are broken (a diverged training run?); use another bundle")
+    return tensors
 
 
 def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Bundle:
@@ -192,7 +221,7 @@ def load_bundle(path: Union[str, Path], device: Union[str, torch.device] = "cpu"
     for part, module in modules.items():
         file = path / info["weights"].get(part, f"{part}.safetensors")
         _check_tensors(file, module, part)
-        module.load_state_dict(load_file(str(file)))
+        module.load_state_dict(_load_finite(file))
         module.eval().requires_grad_(False)
     return Bundle(path, info, cfg, **modules).to(device)
 

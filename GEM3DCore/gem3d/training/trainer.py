@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from gem3d.config import Config
-from gem3d.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gem3d.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from gem3d.training.data import batches
 from gem3d.training.distributed import Context
 from gem3d.training.stages import Stage
@@ -55,9 +55,9 @@ def fit(stage: Stage, cfg: Config, run_dir: Path, ctx: Context, resume: bool = T
     if not resume and ctx.main:
         shutil.rmtree(folder, ignore_errors=True)
     ctx.barrier()
-    last = latest_checkpoint(folder) if resume else None
+    last = load_latest_checkpoint(folder, ctx.device) if resume else None
     if last is not None:
-        model_state, ema_state, state = load_checkpoint(last, ctx.device)
+        model_state, ema_state, state = last
         stage.model.load_state_dict(model_state)
         ema.load_state_dict({**state.pop("ema"), "shadow_params": [ema_state[k] for k in names]})
         optimizer.load_state_dict(state.pop("optimizer"))
