@@ -16,13 +16,13 @@ def _distributed():
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def _run(plan, dataset, out, bundle, device, kind):
+def _run(plan, dataset, out, bundle, device, kind, overwrite):
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
 
     from gem3d.commands.generate import default_bundle
-    from gem3d.dataset_generation import pending, run_jobs, write_dataset_json
+    from gem3d.dataset_generation import check_output_folder, pending, run_jobs, write_dataset_json
     from gem3d.datasets import open_dataset
     from gem3d.engine import Engine
 
@@ -31,14 +31,15 @@ def _run(plan, dataset, out, bundle, device, kind):
         device = f"cuda:{local_rank}"
     out = Path(out)
     try:
+        check_output_folder(Path(dataset), out)
         source = open_dataset(dataset)
         jobs = plan(source, out)
         engine = Engine(bundle or default_bundle(), device)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))
-    todo = pending(jobs, out, rank, world)
+    todo = pending(jobs, out, rank, world, overwrite)
     click.echo(f"rank {rank}/{world}: {len(todo)} of {len(jobs)} cases to generate "
-               f"({len(jobs) - len(pending(jobs, out))} already done)", err=True)
+               f"({len(jobs) - len(pending(jobs, out, overwrite=overwrite))} already done)", err=True)
     failures = 0
     for job, event in tqdm(run_jobs(engine, todo, out), total=len(todo), unit="case", file=sys.stderr,
                            disable=rank != 0):
@@ -51,6 +52,8 @@ def _run(plan, dataset, out, bundle, device, kind):
         dist.destroy_process_group()
     if rank == 0:
         info = write_dataset_json(out, source, engine.cfg.data.modality, jobs, kind)
+        if info is None:
+            raise click.ClickException(f"no case was generated, so {out / 'dataset.json'} was not written")
         click.echo(f"{out}: {info['numTraining']} of {len(jobs)} synthetic cases")
     if failures:
         raise click.ClickException(f"{failures} case(s) failed on rank {rank}; re-run to retry them")
@@ -64,6 +67,8 @@ def _sampling_options(f):
         click.option("--steps", type=click.IntRange(1, 1000), default=None),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default="auto", show_default=True),
+        click.option("--overwrite", is_flag=True,
+                     help="Regenerate every case, replacing existing outputs (default: resume, never replace)."),
     ]):
         f = option(f)
     return f
@@ -75,15 +80,15 @@ def _sampling_options(f):
 @click.option("--augment", type=click.Choice(["paper"]), default=None, help="Also augment each mask.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output nnU-Net raw dataset.")
 @_sampling_options
-def enhance(dataset, times, augment, out, bundle, sampler, steps, seed, device):
+def enhance(dataset, times, augment, out, bundle, sampler, steps, seed, device, overwrite):
     """Re-sample every case K times with informed slices from other cases (same masks)."""
     from gem3d.dataset_generation import plan_enhance
 
     def plan(source, out_dir):
         return plan_enhance(source, out_dir, times, seed, augment=augment, sampler=sampler, steps=steps,
-                            device=device)
+                            device=device, overwrite=overwrite)
 
-    _run(plan, dataset, out, bundle, device, "enhancement")
+    _run(plan, dataset, out, bundle, device, "enhancement", overwrite)
 
 
 @click.command()
@@ -94,12 +99,13 @@ def enhance(dataset, times, augment, out, bundle, sampler, steps, seed, device):
               help="Or its normalised height (default: each case's first-window height).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output nnU-Net raw dataset.")
 @_sampling_options
-def harmonize(dataset, informed_from, informed_slice, informed_position, out, bundle, sampler, steps, seed, device):
+def harmonize(dataset, informed_from, informed_slice, informed_position, out, bundle, sampler, steps, seed, device,
+              overwrite):
     """Generate every case from one fixed informed slice (dataset-level de-enhancement)."""
     from gem3d.dataset_generation import plan_harmonize
 
     def plan(source, out_dir):
         return plan_harmonize(source, out_dir, informed_from, informed_slice, informed_position, seed,
-                              sampler=sampler, steps=steps, device=device)
+                              sampler=sampler, steps=steps, device=device, overwrite=overwrite)
 
-    _run(plan, dataset, out, bundle, device, "harmonisation")
+    _run(plan, dataset, out, bundle, device, "harmonisation", overwrite)
