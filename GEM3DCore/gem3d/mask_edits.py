@@ -133,8 +133,13 @@ def translate(mask: Volume, mm: Sequence[float] = (0.0, 0.0, 0.0),
 
 def scale(mask: Volume, factor: float, labels: Optional[Sequence[int]] = None, center=None) -> Volume:
     """Scale the lesion isotropically by `factor` about its centroid (or `center`, mm)."""
-    if factor <= 0:
-        raise ValueError(f"scale factor must be positive, got {factor}")
+    if not factor > 0 or not np.isfinite(factor):
+        raise ValueError(f"scale factor must be a positive number, got {factor}")
+    voxels = int(lesion(mask, labels).sum())
+    if voxels * factor ** 3 >= mask.array.size:
+        raise ValueError(f"scale factor {factor:g} would grow the lesion ({voxels} voxels) to "
+                         f"{voxels * factor ** 3:.3g} voxels, more than the whole volume ({mask.array.size}); "
+                         "use a smaller factor")
     return _affine_lesion(mask, labels, "scale", factor * np.eye(3), center=center)
 
 

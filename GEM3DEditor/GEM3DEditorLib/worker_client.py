@@ -11,7 +11,10 @@ Each event dict carries its kind under "event" (as gem3d's engine and worker wri
 
 Guarantees: a worker that dies yields an `error` event for each unfinished job (exit code, last
 stderr lines), never a hang; `cancel()` sends the cancel message and, if the job has not ended
-within `cancel_timeout` seconds, kills the process tree and reports the job `cancelled`.
+within `cancel_timeout` seconds, kills the process tree and reports the job `cancelled`; a worker
+that sends nothing (no event, no `heartbeat`) for `stall_timeout` seconds while a job runs is
+reported stuck with an `error` event per job and killed. Problems on the client side (an invalid
+request, a worker that is not running) are `error` events too, never exceptions.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from typing import Dict, List, Optional, Sequence
 
 from . import request as requests
@@ -28,6 +32,7 @@ from .process import exit_message, kill_tree, popen_group
 
 TERMINAL_EVENTS = ("finished", "cancelled", "error")
 WHAT = "The GEM-3D engine"
+STALL_TIMEOUT = 60.0  # the worker sends a heartbeat every 5 s while a job runs
 
 
 def worker_command(python: str, *args: str) -> List[str]:
@@ -59,11 +64,15 @@ def python_executable_default() -> str:
 
 class WorkerClient:
     def __init__(self, command: Sequence[str], env: Optional[Dict[str, str]] = None,
-                 cwd: Optional[str] = None, cancel_timeout: float = 10.0, stderr_lines: int = 40):
+                 cwd: Optional[str] = None, cancel_timeout: float = 10.0, stderr_lines: int = 40,
+                 stall_timeout: float = STALL_TIMEOUT):
         self.command = list(command)
         self.env = env
         self.cwd = cwd
         self.cancel_timeout = float(cancel_timeout)
+        self.stall_timeout = float(stall_timeout)
+        self._last_heard = time.monotonic()
+        self._killed_for_stall = False
         self._stderr = collections.deque(maxlen=stderr_lines)
         self._events: "queue.Queue[dict]" = queue.Queue()
         self._log: "queue.Queue[str]" = queue.Queue()
@@ -82,12 +91,15 @@ class WorkerClient:
         self._process = popen_group(self.command, self.env, self.cwd, stdin=True)
         self._closing = False
         self._killed_for_cancel = False
+        self._killed_for_stall = False
         self._stderr.clear()
         stderr_thread = threading.Thread(target=self._read_stderr, args=(self._process,),
                                          name="gem3d-worker-stderr", daemon=True)
         stdout_thread = threading.Thread(target=self._read_stdout, args=(self._process, stderr_thread),
                                          name="gem3d-worker-stdout", daemon=True)
-        self._threads = [stderr_thread, stdout_thread]
+        watchdog = threading.Thread(target=self._watch, args=(self._process,), name="gem3d-worker-watchdog",
+                                    daemon=True)
+        self._threads = [stderr_thread, stdout_thread, watchdog]
         for thread in self._threads:
             thread.start()
         return self
@@ -136,8 +148,11 @@ class WorkerClient:
 
     # ---------------------------------------------------------------- requests
     def send(self, message: dict) -> None:
+        """Write one message; a worker that is not running gives an `error` event for its job."""
         if not self.running:
-            raise RuntimeError(f"{WHAT} is not running")
+            job_id = message.get("job_id")
+            self._client_error(job_id if isinstance(job_id, str) else None, f"{WHAT} is not running; start it again.")
+            return
         try:
             self._process.stdin.write(json.dumps(message) + "\n")
             self._process.stdin.flush()
@@ -145,11 +160,18 @@ class WorkerClient:
             self._log.put(f"the GEM-3D engine did not take the message: {e}")
 
     def generate(self, request: dict) -> str:
-        """Validate and send a generate request; returns its job id."""
-        requests.validate_request(request)
-        job_id = request["job_id"]
+        """Validate and send a generate request; returns its job id. An invalid request gives an
+        `error` event instead of an exception."""
+        job_id = request.get("job_id") if isinstance(request, dict) else None
+        job_id = job_id if isinstance(job_id, str) else None
+        try:
+            requests.validate_request(request)
+        except Exception as err:  # RequestError, or a request too broken to validate
+            self._client_error(job_id, str(err))
+            return job_id
         with self._lock:
             self._active[job_id] = False
+            self._last_heard = time.monotonic()
         self.send(request)
         return job_id
 
@@ -208,8 +230,35 @@ class WorkerClient:
                     self._active.clear()
         self._events.put(event)
 
+    def _client_error(self, job_id: Optional[str], message: str) -> None:
+        """An `error` event about one request that never reached the worker (other jobs go on)."""
+        event = {"event": "error", "type": "error", "job_id": job_id, "message": message}
+        if job_id is None:
+            self._events.put(event)
+        else:
+            self._emit(event)
+
+    def _watch(self, process) -> None:
+        """Watchdog thread: a running job from which nothing is heard for stall_timeout is stuck."""
+        period = min(1.0, self.stall_timeout / 4)
+        while process.poll() is None:
+            time.sleep(period)
+            with self._lock:
+                silent = time.monotonic() - self._last_heard
+                stuck = list(self._active) if silent > self.stall_timeout else []
+            if stuck and process.poll() is None:
+                self._killed_for_stall = True
+                for job_id in stuck:
+                    self._emit({"event": "error", "type": "error", "job_id": job_id,
+                                "message": f"{WHAT} sent nothing for {silent:.0f} s (not even a heartbeat): it "
+                                           "seems stuck and was stopped; try again, or check its log."})
+                kill_tree(process)
+                return
+
     def _read_stdout(self, process, stderr_thread: threading.Thread) -> None:
         for line in process.stdout:
+            with self._lock:
+                self._last_heard = time.monotonic()
             line = line.strip()
             if not line:
                 continue
@@ -247,6 +296,7 @@ class WorkerClient:
             else:
                 self._emit({"event": "error", "type": "error", "job_id": job_id, "returncode": returncode,
                             "stderr": "\n".join(tail), "message": exit_message(WHAT, returncode, tail)})
-        if not unfinished and returncode != 0 and not self._closing and not self._killed_for_cancel:
+        if not unfinished and returncode != 0 and not (self._closing or self._killed_for_cancel
+                                                       or self._killed_for_stall):
             self._emit({"event": "error", "type": "error", "job_id": None, "returncode": returncode,
                         "stderr": "\n".join(tail), "message": exit_message(WHAT, returncode, tail)})
