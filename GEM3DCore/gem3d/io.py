@@ -54,6 +54,7 @@ def read_volume(path, channel: Optional[int] = None) -> Volume:
 def _read_file(path: Path) -> sitk.Image:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
+    size = _gzip_size(path) if extension(path) == ".nii.gz" else None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -62,7 +63,7 @@ def _read_file(path: Path) -> sitk.Image:
     except RuntimeError as error:
         raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
     if extension(path).startswith(".nii"):
-        _check_nifti_complete(path, reader)
+        _check_nifti_complete(path, reader, path.stat().st_size if size is None else size)
     return image
 
 
@@ -75,26 +76,28 @@ def _itk_message(error: RuntimeError) -> str:
     return re.sub(r"(sitk|itk)::ERROR: (\w+\(0x[0-9a-fA-F]+\): )?", "", text)
 
 
-def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader) -> None:
-    """ITK zero-fills truncated NIfTI files without an error (interrupted downloads)."""
-    dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, int(reader.GetMetaData("dim[0]")) + 1)]
-    expected = int(float(reader.GetMetaData("vox_offset"))) + \
-        int(np.prod(dims)) * int(reader.GetMetaData("bitpix")) // 8
-    if extension(path) == ".nii":
-        actual = path.stat().st_size
-        if actual < expected:
-            raise ValueError(f"cannot read {path}: truncated file ({actual} of {expected} bytes)")
-        return
+def _gzip_size(path: Path) -> int:
+    """Decompressed size, every member's CRC checked: ITK reads bytes garbled mid-file (CRC
+    wrong, size trailer right) as garbage voxels, or fails with a vague message."""
     total = 0
-    try:  # decompress it all: only the CRC check finds bytes garbled mid-file
+    try:
         with gzip.open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 total += len(block)
     except (OSError, EOFError, zlib.error) as error:
         raise ValueError(f"cannot read {path}: truncated or corrupt gzip data ({error}); "
                          "copy or download the file again") from None
-    if total < expected:
-        raise ValueError(f"cannot read {path}: truncated file ({total} of {expected} bytes once decompressed)")
+    return total
+
+
+def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader, size: int) -> None:
+    """ITK zero-fills truncated NIfTI files without an error (interrupted downloads). `size`:
+    the (decompressed) file size."""
+    dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, int(reader.GetMetaData("dim[0]")) + 1)]
+    expected = int(float(reader.GetMetaData("vox_offset"))) + \
+        int(np.prod(dims)) * int(reader.GetMetaData("bitpix")) // 8
+    if size < expected:
+        raise ValueError(f"cannot read {path}: truncated file ({size} of {expected} bytes)")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
