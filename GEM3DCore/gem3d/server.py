@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import os
 import shutil
@@ -57,15 +56,6 @@ class Settings:
     max_queued: int = 64
     keep_s: float = 3600.0
     cors_origins: List[str] = field(default_factory=list)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def token_matches(given: str, expected: str) -> bool:

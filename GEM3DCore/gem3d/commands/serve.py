@@ -1,11 +1,21 @@
 """`gem3d serve`: the engine as an HTTP service for a GPU server (gem3d.server)."""
 from __future__ import annotations
 
+import ipaddress
 import logging
 import tempfile
 from pathlib import Path
 
 import click
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def read_token(path: Path) -> str:
@@ -56,8 +66,6 @@ def bundle_names(paths) -> dict:
 def serve(bundles, host, port, token_file, devices, data_root, work_dir, max_upload_mb, max_jobs_per_client,
           max_queued, keep_s, cors_origins):
     """Serve generation jobs over HTTP (docs/worker-protocol.md, "HTTP")."""
-    from gem3d.server import Settings, is_loopback
-
     token = read_token(Path(token_file)) if token_file else None
     if token is None and not is_loopback(host):
         raise click.ClickException(f"refusing to serve on {host} without a token: anyone who can reach it "
@@ -69,6 +77,8 @@ def serve(bundles, host, port, token_file, devices, data_root, work_dir, max_upl
         from gem3d.commands.generate import default_bundle
 
         bundles = (str(default_bundle()),)
+    from gem3d.server import Settings
+
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="gem3d-serve-"))
     settings = Settings(bundles=bundle_names(bundles), devices=device_list, work_dir=work, token=token,
                         data_root=Path(data_root).resolve() if data_root else None,
