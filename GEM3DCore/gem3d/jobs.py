@@ -81,7 +81,8 @@ class Job:
 
     def status(self) -> dict:
         with self.lock:
-            return {"job_id": self.id, "state": self.state, "device": self.device, "bundle": self.bundle,
+            message = self.events[-1].get("message") if self.done else None
+            return {"job_id": self.id, "state": self.state, "message": message, "device": self.device, "bundle": self.bundle,
                     "events": len(self.events), "created": self.created, "ended": self.ended,
                     "outputs": sorted(self.outputs)}
 

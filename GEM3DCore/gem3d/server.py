@@ -122,7 +122,7 @@ class Server:
             data["informed"] = dict(informed, scan=self.input_path(informed["scan"], "informed", folder))
         request = GenerateRequest.from_dict(dict(
             data, job_id=job_id, bundle=str(self.settings.bundles[bundle]), device=device,
-            out=str(folder / f"synthetic{ext}"), mask_out=str(folder / f"mask{ext}") if mask_out else None))
+            out=str(folder / f"synthetic{ext}"), mask_out=str(folder / f"synthetic_mask{ext}") if mask_out else None))
         return request
 
     def input_path(self, value, role: str, folder: Path) -> str:
@@ -133,7 +133,7 @@ class Server:
         upload = self.store.upload(value[len(UPLOAD_PREFIX):])
         if upload is None or not upload.path.is_file():
             raise RequestError(f"{role}: unknown or expired upload {value!r}; upload the file again")
-        target = folder / f"{role}{extension(upload.path)}"
+        target = folder / f"input_{role}{extension(upload.path)}"
         if not target.exists():
             try:
                 os.link(upload.path, target)
