@@ -13,6 +13,7 @@ COMMANDS = {
     "edit-mask": "gem3d.commands.edit_mask:edit_mask",
     "generate": "gem3d.commands.generate:generate",
     "worker": "gem3d.commands.generate:worker",
+    "serve": "gem3d.commands.serve:serve",
     "enhance": "gem3d.commands.dataset_generation:enhance",
     "harmonize": "gem3d.commands.dataset_generation:harmonize",
     "demo": "gem3d.commands.demo:demo",

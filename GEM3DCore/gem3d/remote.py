@@ -1,0 +1,521 @@
+"""Client of `gem3d serve` for scripts, notebooks and the Slicer module.
+
+`RemoteClient` has the event interface of the local worker client
+(GEM3DEditorLib.worker_client.WorkerClient): `generate(request)` takes the same request
+dict with local paths and returns its job id, `poll()` hands over the same events
+(`started`, `window` with a local `.npy` path, `finished` with local output paths,
+`cancelled`, `error`), `cancel(job_id)` stops a job. Each job runs in a thread that
+uploads the inputs (`upload` progress events), submits the job, follows its event stream
+(`queued`, `heartbeat` events too) and downloads the outputs to the request's `out`.
+
+Whatever happens to the network or the server, a job ends with exactly one terminal
+event whose message is a sentence; nothing raises out of the job thread and nothing
+waits for ever. Standard library and numpy only, so that it imports in Slicer's Python
+without torch.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import socket
+import ssl
+import threading
+import time
+import uuid
+from typing import Callable, Dict, List, Optional, Tuple
+from urllib.parse import quote, urlsplit
+
+import numpy as np
+
+from gem3d.event_frames import StreamError, read_event
+from gem3d.io import extension
+
+TERMINAL_EVENTS = ("finished", "cancelled", "error")
+SERVER_PREFIX = "server:"  # an input already on the server, under its --data-root
+WHAT = "The GEM-3D server"
+
+
+class RemoteError(RuntimeError):
+    """The server could not be used; the message says why in one sentence."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Job:
+    def __init__(self, job_id: str, request: dict):
+        self.id = job_id
+        self.request = request
+        self.remote_id: Optional[str] = None
+        self.cancel_requested = False
+        self.last_seq = -1
+        self.response: Optional[http.client.HTTPResponse] = None
+
+
+def provenance_file(out: str) -> str:
+    """Where gem3d writes an output's provenance: beside it, `<name>.provenance.json`."""
+    return out[: len(out) - len(extension(out))] + ".provenance.json"
+
+
+class RemoteClient:
+    def __init__(self, url: str, token: Optional[str] = None, timeout: float = 30.0,
+                 cancel_timeout: float = 10.0, chunk_bytes: int = 1 << 20, client_id: Optional[str] = None):
+        parts = urlsplit(url.rstrip("/"))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the server URL must look like http://host:8000 or https://host, got {url!r}")
+        self.url = url.rstrip("/")
+        self._parts = parts
+        self.token = token or None
+        self.timeout = float(timeout)
+        self.cancel_timeout = float(cancel_timeout)
+        self.chunk_bytes = int(chunk_bytes)
+        self.client_id = client_id or uuid.uuid4().hex
+        self._events: "queue.Queue[dict]" = queue.Queue()
+        self._log: "queue.Queue[str]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._jobs: Dict[str, _Job] = {}
+        self._info: Optional[dict] = None
+        self._closed = False
+
+    # ---------------------------------------------------------------- WorkerClient's interface
+    def start(self) -> "RemoteClient":
+        self._closed = False
+        return self
+
+    @property
+    def running(self) -> bool:
+        return not self._closed
+
+    returncode = None
+    pid = None
+
+    @property
+    def active_jobs(self) -> List[str]:
+        with self._lock:
+            return list(self._jobs)
+
+    def stderr_tail(self) -> List[str]:
+        return []
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel this client's unfinished jobs on the server and stop following them."""
+        for job_id in self.active_jobs:
+            self.cancel(job_id)
+        deadline = time.monotonic() + timeout
+        while self.active_jobs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.kill()
+
+    def kill(self) -> None:
+        """Stop following every job at once (each ends with a `cancelled` event)."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            self._end(job, {"event": "cancelled", "message": f"The connection to the GEM-3D server was closed."})
+        self._closed = True
+
+    def send(self, message: dict) -> None:
+        if message.get("type") == "cancel":
+            self.cancel(message.get("job_id"))
+        else:
+            self.generate(message)
+
+    def generate(self, request: dict) -> str:
+        """Check the request's local side, then run it on the server in a thread; returns its job id."""
+        problems = request_problems(request)
+        if problems:
+            raise ValueError("Invalid generate request: " + "; ".join(problems) + ".")
+        job = _Job(str(request.get("job_id") or "j" + uuid.uuid4().hex[:12]), dict(request))
+        with self._lock:
+            if job.id in self._jobs:
+                raise ValueError(f"job {job.id!r} is already running")
+            self._jobs[job.id] = job
+        self._closed = False
+        threading.Thread(target=self._run, args=(job,), name=f"gem3d-remote-{job.id}", daemon=True).start()
+        return job.id
+
+    def cancel(self, job_id: str) -> None:
+        """Ask the server to cancel; if the job has not ended within cancel_timeout, stop following it."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            return
+        job.cancel_requested = True
+        threading.Thread(target=self._cancel_remote, args=(job,), daemon=True).start()
+
+    def poll(self, timeout: float = 0.0, max_events: Optional[int] = None) -> List[dict]:
+        """Events received so far, in order; waits up to `timeout` seconds for the first one."""
+        events = []
+        try:
+            if timeout > 0:
+                events.append(self._events.get(timeout=timeout))
+            while max_events is None or len(events) < max_events:
+                events.append(self._events.get_nowait())
+        except queue.Empty:
+            pass
+        return events
+
+    def drain_log(self) -> List[str]:
+        lines = []
+        try:
+            while True:
+                lines.append(self._log.get_nowait())
+        except queue.Empty:
+            return lines
+
+    # ---------------------------------------------------------------- server information
+    def check(self) -> dict:
+        """{"ok", "message", and when ok "version", "bundles"}: for a "Test connection" button; never raises."""
+        try:
+            info = self.info(refresh=True)
+            bundles = self.bundles()
+        except RemoteError as err:
+            return {"ok": False, "message": str(err)}
+        names = ", ".join(b["name"] for b in bundles) or "none"
+        return {"ok": True, "version": info["version"], "bundles": bundles,
+                "message": f"Connected to the GEM-3D server {info['version']} at {self.url} (bundles: {names})."}
+
+    def info(self, refresh: bool = False) -> dict:
+        if self._info is None or refresh:
+            self._info = self._json("GET", "/v1/info")
+        return self._info
+
+    def bundles(self) -> List[dict]:
+        return self._json("GET", "/v1/bundles")
+
+    # ---------------------------------------------------------------- HTTP
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        host, port = self._parts.hostname, self._parts.port
+        if self._parts.scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl.create_default_context())
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def _headers(self, extra: Optional[dict] = None) -> dict:
+        headers = {"X-GEM3D-Client": self.client_id, "Accept": "*/*"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        headers.update(extra or {})
+        return headers
+
+    def _open(self, method: str, path: str, body: Optional[bytes] = None,
+              headers: Optional[dict] = None, timeout: Optional[float] = None):
+        """(connection, response) of a request whose status is 2xx, else RemoteError."""
+        conn = self._connection(self.timeout if timeout is None else timeout)
+        try:
+            conn.request(method, self._parts.path + path, body=body, headers=self._headers(headers))
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as err:
+            conn.close()
+            raise RemoteError(self._network_message(err)) from None
+        self._check_status(response, conn)
+        return conn, response
+
+    def _check_status(self, response: http.client.HTTPResponse, conn) -> None:
+        if 200 <= response.status < 300:
+            return
+        try:
+            data = json.loads(response.read() or b"{}")
+            detail = data.get("error") or data.get("detail") if isinstance(data, dict) else None
+        except (ValueError, OSError, http.client.HTTPException):
+            detail = None
+        conn.close()
+        detail = detail or response.reason
+        if response.status == 401:
+            raise RemoteError(f"{WHAT} at {self.url} refused the connection: {detail} "
+                              "(set the server's token in the module's settings).")
+        raise RemoteError(f"{WHAT} at {self.url} refused the request (HTTP {response.status}): {detail}.")
+
+    def _json(self, method: str, path: str, data=None):
+        body = None if data is None else json.dumps(data).encode()
+        conn, response = self._open(method, path, body, {"Content-Type": "application/json"} if body else None)
+        try:
+            return json.loads(response.read())
+        except (ValueError, OSError, http.client.HTTPException) as err:
+            raise RemoteError(self._network_message(err)) from None
+        finally:
+            conn.close()
+
+    def _network_message(self, err: BaseException) -> str:
+        if isinstance(err, ConnectionRefusedError):
+            return (f"Cannot reach the GEM-3D server at {self.url}: the connection was refused "
+                    "(is `gem3d serve` running there, on that port?).")
+        if isinstance(err, socket.gaierror):
+            return f"Cannot reach the GEM-3D server at {self.url}: the host name {self._parts.hostname!r} is unknown."
+        if isinstance(err, (socket.timeout, TimeoutError)):
+            return f"{WHAT} at {self.url} did not answer within {self.timeout:g} s."
+        if isinstance(err, ssl.SSLError):
+            return f"The TLS connection to the GEM-3D server at {self.url} failed: {err}."
+        if isinstance(err, (ConnectionError, http.client.RemoteDisconnected, http.client.IncompleteRead)):
+            return f"{WHAT} at {self.url} closed the connection ({type(err).__name__})."
+        return f"The connection to the GEM-3D server at {self.url} failed: {err}."
+
+    # ---------------------------------------------------------------- a job
+    def _run(self, job: _Job) -> None:
+        try:
+            remote = self._remote_request(job)
+            submitted = self._json("POST", "/v1/jobs", remote)
+            job.remote_id = submitted["job_id"]
+            if job.cancel_requested:
+                self._cancel_remote(job)
+            self._follow(job)
+        except _Cancelled:
+            self._end(job, {"event": "cancelled", "message": "Cancelled before the job reached the server."})
+        except RemoteError as err:
+            self._end(job, {"event": "error", "message": str(err)})
+        except Exception as err:  # a bug here must still end the job
+            self._end(job, {"event": "error", "message": f"internal error in the remote client: "
+                                                         f"{type(err).__name__}: {err}"})
+
+    def _remote_request(self, job: _Job) -> dict:
+        """The request as the server takes it: uploads for local inputs, no local paths at all."""
+        request = job.request
+        remote = {k: v for k, v in request.items() if k not in ("out", "mask_out", "overwrite", "job_id")}
+        ext = extension(request["out"])
+        remote["out"] = "synthetic" + ext
+        if request.get("mask_out"):
+            remote["mask_out"] = "mask" + ext
+        bundle = request.get("bundle")
+        if bundle and ("/" in bundle or os.sep in bundle):
+            remote["bundle"] = os.path.basename(os.path.normpath(bundle))
+        remote["device"] = "auto" if request.get("device", "auto") in ("auto", "cuda") else request["device"]
+        informed = dict(request.get("informed") or {})
+        inputs = [("reference", request["reference"]), ("mask", request["mask"])]
+        if informed.get("scan"):
+            inputs.append(("informed", informed["scan"]))
+        local = {path for _, path in inputs if not path.startswith(SERVER_PREFIX)}
+        total = sum(os.path.getsize(path) for path in local)
+        limit = self.info()["limits"]["max_upload_bytes"]
+        uploaded: Dict[str, str] = {}
+        progress = [0, total]
+        for role, path in inputs:
+            if path.startswith(SERVER_PREFIX):
+                value = path[len(SERVER_PREFIX):]
+            else:
+                if path not in uploaded:
+                    uploaded[path] = "upload:" + self._upload(job, role, path, limit, progress)
+                value = uploaded[path]
+            if role == "informed":
+                informed["scan"] = value
+            else:
+                remote[role] = value
+        if informed:
+            remote["informed"] = informed
+        return remote
+
+    def _upload(self, job: _Job, role: str, path: str, limit: int, progress: List[int]) -> str:
+        size = os.path.getsize(path)
+        if size > limit:
+            raise RemoteError(f"The {role} file is {size / 2**20:.1f} MiB, above the server's upload limit of "
+                              f"{limit / 2**20:.1f} MiB.")
+        conn = self._connection(self.timeout)
+        target = f"{self._parts.path}/v1/uploads?suffix={quote(extension(path))}"
+        try:
+            conn.putrequest("POST", target)
+            for key, value in self._headers({"Content-Type": "application/octet-stream",
+                                             "Content-Length": str(size)}).items():
+                conn.putheader(key, value)
+            conn.endheaders()
+            with open(path, "rb") as f:
+                while True:
+                    if job.cancel_requested:
+                        raise _Cancelled()
+                    chunk = f.read(self.chunk_bytes)
+                    if not chunk:
+                        break
+                    conn.send(chunk)
+                    progress[0] += len(chunk)
+                    self._emit(job, {"event": "upload", "file": role, "done": progress[0], "total": progress[1]})
+            response = conn.getresponse()
+            self._check_status(response, conn)
+            return json.loads(response.read())["upload_id"]
+        except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
+            raise RemoteError(f"Uploading the {role} file failed: " + self._network_message(err)) from None
+        finally:
+            conn.close()
+
+    def _follow(self, job: _Job) -> None:
+        """Read the job's events to its end; one reconnection (from the last event seen) if the
+        stream drops, then an error naming what happened."""
+        for attempt in (1, 2):
+            try:
+                if self._read_stream(job):
+                    return
+                problem = f"{WHAT} at {self.url} ended job {job.id}'s event stream before the job ended"
+            except RemoteError as err:
+                problem = str(err).rstrip(".")
+            except (OSError, http.client.HTTPException, StreamError) as err:
+                problem = self._network_message(err).rstrip(".")
+            if not self._is_active(job):
+                return
+            if attempt == 1:
+                self._log.put(f"{problem}; reconnecting once")
+                time.sleep(1.0)
+        self._end(job, {"event": "error", "message": f"{problem}; job {job.id} was lost (was the server stopped?)."})
+
+    def _read_stream(self, job: _Job) -> bool:
+        """True once the job's terminal event was handled."""
+        read_timeout = max(self.timeout, 15.0)  # the server sends a heartbeat every 5 s
+        conn, response = self._open("GET", f"/v1/jobs/{job.remote_id}/events?after={job.last_seq}",
+                                    timeout=read_timeout)
+        job.response = response
+        try:
+            while self._is_active(job):
+                event = read_event(response)
+                if event is None:
+                    return False
+                if event.get("seq") is not None:
+                    if event["seq"] <= job.last_seq:
+                        continue
+                    job.last_seq = event["seq"]
+                self._handle(job, event)
+                if event["event"] in TERMINAL_EVENTS:
+                    return True
+            return True
+        finally:
+            conn.close()
+
+    def _handle(self, job: _Job, event: dict) -> None:
+        kind = event["event"]
+        slab = event.pop("slab", None)
+        if kind == "window" and slab is not None:
+            out = job.request["out"]
+            folder = out + ".windows"
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"{job.id}_{event['seq']:04d}.npy")
+            np.save(path, slab)
+            event["path"] = path
+        if kind == "finished":
+            event["outputs"] = self._download_outputs(job, event.get("outputs") or {})
+        if kind in TERMINAL_EVENTS:
+            self._end(job, event)
+        else:
+            self._emit(job, event)
+
+    def _download_outputs(self, job: _Job, outputs: Dict[str, str]) -> Dict[str, str]:
+        request = job.request
+        targets = {"image": request["out"], "mask": request.get("mask_out"),
+                   "provenance": provenance_file(request["out"])}
+        local = {}
+        for name, url in outputs.items():
+            target = targets.get(name)
+            if target:
+                self._download(url, target, bool(request.get("overwrite")))
+                local[name] = target
+        return local
+
+    def _download(self, url: str, target: str, overwrite: bool) -> None:
+        """Atomically: a temporary file in the target's folder, fsync, rename; never over a file unless asked."""
+        if os.path.exists(target) and not overwrite:
+            raise RemoteError(f"{target} exists; the result was left on the server")
+        tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{uuid.uuid4().hex[:12]}.part")
+        conn, response = self._open("GET", url[len(self._parts.path):] if url.startswith(self._parts.path)
+                                    else url)
+        try:
+            with open(tmp, "wb") as f:
+                while True:
+                    chunk = response.read(self.chunk_bytes)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except (OSError, http.client.HTTPException) as err:
+            raise RemoteError("Downloading the result failed: " + self._network_message(err)) from None
+        finally:
+            conn.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def _cancel_remote(self, job: _Job) -> None:
+        if job.remote_id is not None:
+            try:
+                self._json("POST", f"/v1/jobs/{job.remote_id}/cancel")
+            except RemoteError as err:
+                self._log.put(f"cancel of job {job.id}: {err}")
+        timer = threading.Timer(self.cancel_timeout, self._abandon, args=(job,))
+        timer.daemon = True
+        timer.start()
+
+    def _abandon(self, job: _Job) -> None:
+        if self._is_active(job):
+            self._end(job, {"event": "cancelled", "message": f"{WHAT} did not confirm the cancel within "
+                                                             f"{self.cancel_timeout:g} s; the job was abandoned."})
+
+    # ---------------------------------------------------------------- events
+    def _is_active(self, job: _Job) -> bool:
+        with self._lock:
+            return self._jobs.get(job.id) is job
+
+    def _emit(self, job: _Job, event: dict) -> None:
+        if self._is_active(job):
+            self._put(job, event)
+
+    def _end(self, job: _Job, event: dict) -> None:
+        """The job's one terminal event; later ones (a late stream, a timer) are dropped."""
+        with self._lock:
+            if self._jobs.get(job.id) is not job:
+                return
+            del self._jobs[job.id]
+        self._put(job, event)
+        response = job.response
+        if response is not None:
+            try:
+                response.close()
+            except OSError:
+                pass
+
+    def _put(self, job: _Job, event: dict) -> None:
+        event = dict(event, job_id=job.id)
+        event["type"] = event["event"]
+        self._events.put(event)
+
+
+def request_problems(request: dict) -> List[str]:
+    """What makes a request unusable on this side (the server checks the rest)."""
+    if not isinstance(request, dict):
+        return ["a request is a dict"]
+    problems = []
+    if request.get("type", "generate") != "generate":
+        problems.append(f"type must be 'generate', got {request.get('type')!r}")
+    scan = (request.get("informed") or {}).get("scan")
+    for key, path in (("reference", request.get("reference")), ("mask", request.get("mask")),
+                      ("informed scan", scan)):
+        if key == "informed scan" and not path:
+            continue
+        if not isinstance(path, str) or not path:
+            problems.append(f"{key} is missing")
+        elif not path.startswith(SERVER_PREFIX) and not os.path.isfile(path):
+            problems.append(f"{key} file {path!r} does not exist")
+    out = request.get("out")
+    if not isinstance(out, str) or not out:
+        problems.append("out (the output path) is empty")
+    else:
+        if os.path.exists(out) and not request.get("overwrite"):
+            problems.append(f"output {out!r} exists already; it is never overwritten")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+            problems.append(f"the output folder of {out!r} does not exist")
+    return problems
+
+
+def run_job(client: RemoteClient, request: dict, on_event: Optional[Callable[[dict], None]] = None,
+            timeout: Optional[float] = None) -> Tuple[dict, List[dict]]:
+    """Run one request to its end (for scripts): (terminal event, all events)."""
+    job_id = client.generate(request)
+    events: List[dict] = []
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            client.cancel(job_id)
+            deadline = None
+        for event in client.poll(timeout=0.2):
+            if event.get("job_id") != job_id:
+                continue
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+            if event["event"] in TERMINAL_EVENTS:
+                return event, events

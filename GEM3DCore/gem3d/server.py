@@ -1,0 +1,331 @@
+"""`gem3d serve`: the engine behind HTTP, for a GPU server (docs/worker-protocol.md, "HTTP").
+
+The same requests and events as the stdio worker. The server is the file edge: inputs are
+uploaded (or named under --data-root), each job gets its own folder, outputs are
+downloaded. Secure by default: loopback only unless a bearer token is set, the token
+compared in constant time, upload size and jobs per client limited, every path confined to
+the data root, no CORS unless asked, and no token or file name in the logs.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import anyio
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+import gem3d
+from gem3d.event_frames import MEDIA_TYPE, encode_event
+from gem3d.io import WRITE_EXTENSIONS, extension, read_volume
+from gem3d.jobs import Job, JobStore, LimitError, Upload
+from gem3d.request import GenerateRequest, RequestError
+
+log = logging.getLogger("gem3d.serve")
+UPLOAD_PREFIX = "upload:"
+READ_EXTENSIONS = WRITE_EXTENSIONS  # one file per upload: DICOM folders are not uploaded
+HEARTBEAT_S = 5.0
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Settings:
+    """What the server was started with (the `gem3d serve` options)."""
+
+    bundles: Dict[str, Path]
+    devices: List[str]
+    work_dir: Path
+    token: Optional[str] = None
+    data_root: Optional[Path] = None
+    max_upload_bytes: int = 1 << 30
+    max_jobs_per_client: int = 4
+    max_queued: int = 64
+    keep_s: float = 3600.0
+    cors_origins: List[str] = field(default_factory=list)
+
+
+def token_matches(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def confined(path: str, root: Optional[Path]) -> Path:
+    """`path` (relative to the data root, or absolute inside it) as an existing file in the root."""
+    if root is None:
+        raise RequestError("this server has no --data-root, so it cannot read server paths; upload the file")
+    root = root.resolve()
+    resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks are followed
+    if resolved != root and root not in resolved.parents:
+        raise RequestError(f"{path!r} is outside the server's data root")
+    if not resolved.is_file():
+        raise RequestError(f"{path!r}: no such file under the server's data root")
+    return resolved
+
+
+def output_extension(out: Optional[str]) -> str:
+    ext = extension(out or "synthetic.nii.gz")
+    if ext not in WRITE_EXTENSIONS:
+        raise RequestError(f"out must end in one of {', '.join(WRITE_EXTENSIONS)}, got {ext!r}")
+    return ext
+
+
+class Server:
+    """The job store plus what turns an HTTP request into a job."""
+
+    def __init__(self, settings: Settings, store: JobStore):
+        self.settings = settings
+        self.store = store
+
+    def client_key(self, request: Request) -> str:
+        """Who a job belongs to for the per-client limit: the address plus the client's id header
+        (a fairness limit between tools sharing a token, not an identity)."""
+        host = request.client.host if request.client else "?"
+        return f"{host}/{request.headers.get('x-gem3d-client', '')[:64]}"
+
+    def job_request(self, data, job_id: str, folder: Path) -> GenerateRequest:
+        """A remote request as the engine's: inputs from uploads or the data root, outputs in the job's
+        folder, the bundle by name. (The stdio worker takes paths as they are; here none is trusted.)"""
+        if not isinstance(data, dict):
+            raise RequestError(f"a request is a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        if data.pop("type", "generate") != "generate":
+            raise RequestError("POST /v1/jobs takes a 'generate' request")
+        data.pop("job_id", None)
+        data.pop("overwrite", None)
+        ext = output_extension(data.pop("out", None))
+        mask_out = data.pop("mask_out", None)
+        bundle = data.pop("bundle", None) or next(iter(self.settings.bundles))
+        if bundle not in self.settings.bundles:
+            raise RequestError(f"unknown bundle {bundle!r}; this server has {sorted(self.settings.bundles)}")
+        device = data.pop("device", "auto")
+        if device != "auto" and device not in self.settings.devices:
+            raise RequestError(f"device {device!r} is not served here; devices: {self.settings.devices}")
+        for key in ("reference", "mask"):
+            if not data.get(key):
+                raise RequestError(f"request needs {key!r} (an upload:ID or a path under the data root)")
+            data[key] = self.input_path(data[key], key, folder)
+        informed = data.get("informed")
+        if isinstance(informed, dict) and informed.get("scan"):
+            data["informed"] = dict(informed, scan=self.input_path(informed["scan"], "informed", folder))
+        request = GenerateRequest.from_dict(dict(
+            data, job_id=job_id, bundle=str(self.settings.bundles[bundle]), device=device,
+            out=str(folder / f"synthetic{ext}"), mask_out=str(folder / f"synthetic_mask{ext}") if mask_out else None))
+        return request
+
+    def input_path(self, value, role: str, folder: Path) -> str:
+        if not isinstance(value, str):
+            raise RequestError(f"{role} must be a string (upload:ID or a path under the data root)")
+        if not value.startswith(UPLOAD_PREFIX):
+            return str(confined(value, self.settings.data_root))
+        upload = self.store.upload(value[len(UPLOAD_PREFIX):])
+        if upload is None or not upload.path.is_file():
+            raise RequestError(f"{role}: unknown or expired upload {value!r}; upload the file again")
+        target = folder / f"input_{role}{extension(upload.path)}"
+        if not target.exists():
+            try:
+                os.link(upload.path, target)
+            except OSError:
+                target.write_bytes(upload.path.read_bytes())
+        return str(target)
+
+
+def build_app(settings: Settings, store: JobStore) -> FastAPI:
+    server = Server(settings, store)
+    app = FastAPI(title="GEM-3D engine", version=gem3d.__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, err: HTTPError):
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse({"error": err.message}, status_code=err.status, headers=headers)
+
+    def authorised(request: Request) -> None:
+        if settings.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise HTTPError(401, "this server needs a token: send 'Authorization: Bearer <token>'")
+        if not token_matches(given.strip(), settings.token):
+            raise HTTPError(401, "the token was refused; check the token the server was started with")
+
+    def job_or_404(job_id: str) -> Job:
+        job = store.job(job_id)
+        if job is None:
+            raise HTTPError(404, f"job {job_id!r} is unknown here or its results expired "
+                                 f"(results are kept {settings.keep_s:g} s after a job ends)")
+        return job
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "service": "gem3d", "version": gem3d.__version__}
+
+    @app.get("/v1/info", dependencies=[Depends(authorised)])
+    def info():
+        return {"version": gem3d.__version__, "bundles": sorted(settings.bundles),
+                "devices": [{"device": q.device, "pending": q.pending} for q in store.queues.values()],
+                "data_root": settings.data_root is not None,
+                "limits": {"max_upload_bytes": settings.max_upload_bytes,
+                           "max_jobs_per_client": settings.max_jobs_per_client,
+                           "max_queued": settings.max_queued, "keep_results_s": settings.keep_s},
+                "upload_extensions": list(READ_EXTENSIONS)}
+
+    @app.get("/v1/bundles", dependencies=[Depends(authorised)])
+    def bundles():
+        return [bundle_summary(name, path) for name, path in settings.bundles.items()]
+
+    @app.post("/v1/uploads", status_code=201, dependencies=[Depends(authorised)])
+    async def upload(request: Request, suffix: str = ".nii.gz"):
+        if suffix.lower() not in READ_EXTENSIONS:
+            raise HTTPError(400, f"uploads must be one of {', '.join(READ_EXTENSIONS)} files, got {suffix!r}")
+        limit = settings.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise HTTPError(413, _too_large(int(declared), limit))
+        upload_id, path = store.new_upload_path(suffix.lower())
+        size = 0
+        try:
+            with open(path, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPError(413, _too_large(size, limit))
+                    f.write(chunk)
+            if size == 0:
+                raise HTTPError(400, "the upload is empty")
+            try:
+                volume = await anyio.to_thread.run_sync(read_volume, path)
+            except (ValueError, OSError, RuntimeError):
+                raise HTTPError(400, f"the upload is not a readable 3D {suffix} volume") from None
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        store.add_upload(Upload(upload_id, server.client_key(request), path))
+        return {"upload_id": upload_id, "bytes": size, "shape": list(volume.shape)}
+
+    @app.post("/v1/jobs", status_code=201, dependencies=[Depends(authorised)])
+    async def submit(request: Request):
+        try:
+            data = await request.json()
+        except ValueError:
+            raise HTTPError(400, "the request body is not JSON; send the generate request as a JSON object")
+        client = server.client_key(request)
+        try:
+            store.check_limits(client)
+        except LimitError as err:
+            raise HTTPError(429, str(err))
+        job_id, folder = store.new_job_folder()
+        try:
+            generate = server.job_request(data, job_id, folder)
+        except (RequestError, ValueError, TypeError) as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPError(400, str(err))
+        queue = store.pick_device(generate.device)
+        bundle = next(name for name, path in settings.bundles.items() if str(path) == generate.bundle)
+        job = Job(job_id, client, queue.device, bundle, generate, folder)
+        position = store.submit(job)
+        return {"job_id": job_id, "device": queue.device, "position": position,
+                "events": f"/v1/jobs/{job_id}/events"}
+
+    @app.get("/v1/jobs/{job_id}", dependencies=[Depends(authorised)])
+    def status(job_id: str):
+        return dict(job_or_404(job_id).status(), expires_in_s=settings.keep_s)
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=[Depends(authorised)])
+    def cancel(job_id: str):
+        job = job_or_404(job_id)
+        if not job.done:
+            job.cancel_requested = True
+        return {"job_id": job_id, "state": job.state}
+
+    @app.get("/v1/jobs/{job_id}/events", dependencies=[Depends(authorised)])
+    def events(job_id: str, after: int = -1, slabs: bool = True):
+        job = job_or_404(job_id)
+        return StreamingResponse(stream(job, after + 1, slabs), media_type=MEDIA_TYPE,
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/jobs/{job_id}/outputs/{name}", dependencies=[Depends(authorised)])
+    def output(job_id: str, name: str):
+        job = job_or_404(job_id)
+        path = job.outputs.get(name)
+        if path is None or not path.is_file():
+            raise HTTPError(404, f"job {job_id!r} has no output {name!r} (outputs: {sorted(job.outputs)})")
+        return FileResponse(path, media_type="application/octet-stream", filename=f"{name}{extension(path)}")
+
+    return app
+
+
+async def stream(job: Job, seq: int, slabs: bool):
+    """The job's events from `seq` on, then new ones as they come, until its last; heartbeats
+    while nothing happens (a client tells a busy server from a stuck one)."""
+    quiet_since = time.monotonic()
+    while True:
+        for event, slab_path in job.events_from(seq):
+            slab = await anyio.to_thread.run_sync(np.load, slab_path) if slabs and slab_path else None
+            yield encode_event(event, slab)
+            seq = event["seq"] + 1
+            quiet_since = time.monotonic()
+        if job.done and not job.events_from(seq):
+            return
+        if time.monotonic() - quiet_since > HEARTBEAT_S:
+            yield encode_event({"event": "heartbeat", "job_id": job.id, "state": job.state})
+            quiet_since = time.monotonic()
+        await asyncio.sleep(0.02)
+
+
+def bundle_summary(name: str, path: Path) -> dict:
+    from gem3d.bundle import read_info
+
+    info = read_info(path)
+    keys = ("modality", "label_map", "intensity", "slice_size", "window_length", "latent_scale",
+            "informed_slice", "sampler", "volumetric", "provenance")
+    return {"name": name, **{k: info[k] for k in keys if k in info},
+            "slice_model": "slice_model" in info["weights"]}
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (f"the upload is {size / 2**20:.1f} MiB, above this server's limit of {limit / 2**20:.1f} MiB "
+            "(--max-upload-mb)")
+
+
+def run(settings: Settings, host: str, port: int) -> None:
+    """Load every bundle on every device, then serve until interrupted."""
+    import uvicorn
+
+    from gem3d.engine import Engine
+    from gem3d.jobs import DeviceQueue
+
+    queues = []
+    for device in settings.devices:
+        engines = {}
+        for name, path in settings.bundles.items():
+            log.info("loading bundle %s on %s", name, device)
+            engines[name] = Engine(path, device)
+        queues.append(DeviceQueue(device, engines, settings.keep_s))
+    store = JobStore(settings.work_dir, queues, settings.keep_s, settings.max_jobs_per_client,
+                     settings.max_queued)
+    store.start()
+    log.info("serving %d bundle(s) on %s at http://%s:%d (token %s)", len(settings.bundles),
+             ", ".join(settings.devices), host, port, "required" if settings.token else "not required")
+    try:
+        uvicorn.run(build_app(settings, store), host=host, port=port, log_level="info",
+                    timeout_graceful_shutdown=3)
+    finally:
+        store.stop()

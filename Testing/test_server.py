@@ -1,0 +1,280 @@
+"""`gem3d serve` as a real server on loopback, and gem3d.remote.RemoteClient against it."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from gem3d.io import read_description, read_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_BUNDLE = ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle"
+TOKEN = "test-token-0123456789abcdef"
+_spec = importlib.util.spec_from_file_location("remote_bench", ROOT / "benchmarks" / "remote.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def client(url, token=TOKEN, **kw):
+    from gem3d.remote import RemoteClient
+
+    return RemoteClient(url, token, **kw)
+
+
+def run(c, request, timeout=120):
+    from gem3d.remote import run_job
+
+    start = time.monotonic()
+    end, events = run_job(c, request)
+    assert time.monotonic() - start < timeout
+    return end, events
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory, brain_phantom):
+    """The server's --data-root: one case, and a link that points out of it."""
+    root = tmp_path_factory.mktemp("data_root")
+    (root / "cases").mkdir()
+    for src, name in ((brain_phantom / "imagesTr" / "brain_000_0000.nii.gz", "scan.nii.gz"),
+                      (brain_phantom / "labelsTr" / "brain_000.nii.gz", "mask.nii.gz")):
+        (root / "cases" / name).write_bytes(src.read_bytes())
+    (root / "escape.nii.gz").symlink_to(brain_phantom / "imagesTr" / "brain_001_0000.nii.gz")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, data_root, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("token") / "token"
+    token_file.write_text(TOKEN + "\n")
+    s = bench.ServerProcess([tiny_bundle, DEMO_BUNDLE], "--token-file", str(token_file), "--data-root",
+                            str(data_root), "--max-upload-mb", "1", "--max-jobs-per-client", "3",
+                            "--keep-results", "120")
+    yield s
+    s.stop()
+    log = s.output()
+    assert TOKEN not in log and "brain_000" not in log and "scan.nii.gz" not in log, log
+
+
+def tiny_request(phantom, out, job_id="j", **extra):
+    return {"type": "generate", "job_id": job_id, "bundle": "tiny",
+            "reference": str(phantom / "imagesTr" / "brain_000_0000.nii.gz"),
+            "mask": str(phantom / "labelsTr" / "brain_000.nii.gz"), "out": str(out), "start": 0.5, "seed": 0,
+            "steps": 1, **extra}
+
+
+def http(server, token=TOKEN, client_id="pytest"):
+    headers = {"X-GEM3D-Client": client_id}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.Client(base_url=server.url, headers=headers, timeout=30)
+
+
+def test_help_and_no_public_host_without_token():
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    shown = subprocess.run([sys.executable, "-m", "gem3d", "serve", "--help"], capture_output=True, text=True,
+                           env=env, timeout=60)
+    assert shown.returncode == 0 and "--token-file" in shown.stdout and "--data-root" in shown.stdout
+    refused = subprocess.run([sys.executable, "-m", "gem3d", "serve", "--host", "0.0.0.0"], capture_output=True,
+                             text=True, env=env, timeout=60)
+    assert refused.returncode != 0 and "without a token" in refused.stderr
+
+
+def test_client_imports_without_torch():
+    code = "import sys, gem3d.remote; assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_missing_and_wrong_token(server, brain_phantom, tmp_path):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    for token, words in ((None, "needs a token"), ("wrong-token", "token was refused")):
+        with http(server, token) as h:
+            for method, path in (("GET", "/v1/bundles"), ("POST", "/v1/jobs"), ("POST", "/v1/uploads")):
+                response = h.request(method, path)
+                assert response.status_code == 401 and words in response.json()["error"]
+                assert response.headers["www-authenticate"] == "Bearer"
+    with http(server) as h:
+        names = {b["name"]: b for b in h.get("/v1/bundles").json()}
+    assert set(names) == {"tiny", "demo_bundle"} and names["tiny"]["window_length"] == 4
+    checked = client(server.url, "wrong-token").check()
+    assert not checked["ok"] and "token" in checked["message"]
+    end, events = run(client(server.url, "wrong-token"), tiny_request(brain_phantom, tmp_path / "o.nii.gz"))
+    assert end["event"] == "error" and "token" in end["message"] and len(events) == 1
+
+
+def test_unreachable_server_is_an_error_event(brain_phantom, tmp_path):
+    url = f"http://127.0.0.1:{bench.free_port()}"
+    assert "refused" in client(url).check()["message"]
+    end, _ = run(client(url), tiny_request(brain_phantom, tmp_path / "o.nii.gz"), timeout=20)
+    assert end["event"] == "error" and "connection was refused" in end["message"]
+
+
+def test_demo_job_equals_local_generation(server, tmp_path):
+    """The README's demo job through the server: the reference's geometry, the same voxels as
+    Engine.generate in this process with the same seed, streamed windows equal to the output."""
+    from gem3d import phantom
+    from gem3d.demo import COUNTERFACTUAL
+    from gem3d.engine import Engine
+    from gem3d.request import GenerateRequest
+
+    data = tmp_path / "phantom"
+    phantom.write_dataset(data, "brain", cases=1, size=64, slices=24, seed=0)
+    reference, mask = data / "imagesTr" / "brain_000_0000.nii.gz", data / "labelsTr" / "brain_000.nii.gz"
+    request = {"type": "generate", "job_id": "demo", "bundle": str(DEMO_BUNDLE), "reference": str(reference),
+               "mask": str(mask), "edits": list(COUNTERFACTUAL), "start": 0.5, "seed": 3, "steps": 4,
+               "out": str(tmp_path / "remote.nii.gz"), "mask_out": str(tmp_path / "remote_mask.nii.gz")}
+    c = client(server.url)
+    end, events = run(c, request)
+    assert end["event"] == "finished", end
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "upload" and kinds.index("queued") < kinds.index("started") < kinds.index("window")
+    uploads = [e for e in events if e["event"] == "upload"]
+    assert uploads[-1]["done"] == uploads[-1]["total"] == reference.stat().st_size + mask.stat().st_size
+    assert end["outputs"] == {"image": request["out"], "mask": request["mask_out"],
+                              "provenance": str(tmp_path / "remote.provenance.json")}
+
+    local = dict(request, out=str(tmp_path / "local.nii.gz"), mask_out=None)
+    local.pop("type")
+    finished = list(Engine(DEMO_BUNDLE, "cpu").generate(GenerateRequest.from_dict(local)))[-1]
+    assert finished["event"] == "finished", finished
+    remote, ref, expected = (read_volume(p) for p in (request["out"], reference, local["out"]))
+    assert remote.shape == ref.shape and remote.geometry.allclose(ref.geometry)
+    np.testing.assert_array_equal(remote.array, expected.array)
+    assert "SYNTHETIC" in read_description(request["out"])
+    assert json.loads(Path(end["outputs"]["provenance"]).read_text())["synthetic"] is True
+    windows = [e for e in events if e["event"] == "window"]
+    assert len(windows) == len(events[kinds.index("started")]["plan"])
+    for w in windows:
+        index = [slice(None)] * 3
+        index[w["axis"]] = slice(w["start"], w["stop"])
+        np.testing.assert_allclose(np.load(w["path"]), remote.array[tuple(index)], atol=1e-4)
+
+
+def test_cancel_mid_job(server, brain_phantom, tmp_path):
+    c = client(server.url)
+    out = tmp_path / "c.nii.gz"
+    job = c.generate(tiny_request(brain_phantom, out, "c", sampler="ddim", steps=400))
+    deadline = time.monotonic() + 60
+    seen = []
+    while "started" not in seen and time.monotonic() < deadline:
+        seen += [e["event"] for e in c.poll(timeout=0.2)]
+    assert "started" in seen
+    c.cancel(job)
+    end = None
+    while end is None and time.monotonic() < deadline:
+        end = next((e for e in c.poll(timeout=0.2) if e["event"] in ("cancelled", "finished", "error")), None)
+    assert end is not None and end["event"] == "cancelled", end
+    assert not out.exists() and c.active_jobs == []
+
+
+def test_server_killed_mid_job_is_an_error_event(tiny_bundle, brain_phantom, tmp_path):
+    s = bench.ServerProcess([tiny_bundle])
+    try:
+        c = client(s.url, None)
+        job = c.generate(tiny_request(brain_phantom, tmp_path / "k.nii.gz", "k", sampler="ddim", steps=400))
+        deadline = time.monotonic() + 60
+        while not any(e["event"] == "started" for e in c.poll(timeout=0.2)) and time.monotonic() < deadline:
+            pass
+        s.process.kill()
+        s.process.wait()
+        end = None
+        while end is None and time.monotonic() < deadline:
+            end = next((e for e in c.poll(timeout=0.2) if e["event"] in ("cancelled", "finished", "error")), None)
+    finally:
+        s.stop()
+    assert end is not None and end["event"] == "error" and end["job_id"] == job, end
+    assert "lost" in end["message"] and s.url in end["message"]
+
+
+def test_malformed_and_oversized_uploads_and_requests(server, brain_phantom, tmp_path):
+    scan = (brain_phantom / "imagesTr" / "brain_000_0000.nii.gz").read_bytes()
+    with http(server) as h:
+        def upload(body, suffix=".nii.gz"):
+            response = h.post("/v1/uploads", params={"suffix": suffix}, content=body)
+            return response.status_code, response.json()
+
+        status, body = upload(scan)
+        assert status == 201 and body["shape"] == [12, 32, 32]
+        upload_id = body["upload_id"]
+        for body, suffix, code, words in ((b"not a volume at all", ".nii.gz", 400, "not a readable"),
+                                          (b"", ".nii.gz", 400, "empty"),
+                                          (scan, ".exe", 400, ".nii.gz"),
+                                          (os.urandom(int(1.5 * 2**20)), ".nii.gz", 413, "limit of 1.0 MiB")):
+            status, answer = upload(body, suffix)
+            assert status == code and words in answer["error"], answer
+
+        def submit(payload):
+            response = h.post("/v1/jobs", **({"content": payload} if isinstance(payload, bytes) else {"json": payload}))
+            return response.status_code, response.json().get("error", "")
+
+        status, error = submit(b"{not json")
+        assert status == 400 and "not JSON" in error
+        ok = {"reference": f"upload:{upload_id}", "mask": f"upload:{upload_id}", "bundle": "tiny"}
+        for bad, words in ((dict(ok, colour="red"), "unknown request key"),
+                           (dict(ok, bundle="nope"), "unknown bundle"),
+                           (dict(ok, mask="upload:0123"), "unknown or expired upload"),
+                           (dict(ok, device="cuda:7"), "not served here"),
+                           (dict(ok, out="x.exe"), "out must end in"),
+                           (dict(ok, steps=0), "steps must be"),
+                           ({"mask": ok["mask"]}, "needs 'reference'"),
+                           ([1, 2], "JSON object")):
+            status, error = submit(bad)
+            assert status == 400 and words in error, (bad, error)
+        assert h.get("/v1/jobs/0000/events").status_code == 404
+    big = tmp_path / "big.nii.gz"
+    big.write_bytes(os.urandom(int(1.5 * 2**20)))
+    end, _ = run(client(server.url), dict(tiny_request(brain_phantom, tmp_path / "o.nii.gz"), reference=str(big)))
+    assert end["event"] == "error" and "upload limit" in end["message"]
+
+
+def test_paths_confined_to_the_data_root(server, data_root, brain_phantom, tmp_path):
+    with http(server) as h:
+        for path in ("../escape.nii.gz", "cases/../../etc/passwd", "/etc/passwd", "escape.nii.gz",
+                     str(brain_phantom / "labelsTr" / "brain_000.nii.gz")):
+            response = h.post("/v1/jobs", json={"reference": path, "mask": "cases/mask.nii.gz", "bundle": "tiny"})
+            assert response.status_code == 400 and "outside the server's data root" in response.json()["error"], path
+        response = h.post("/v1/jobs", json={"reference": "cases/none.nii.gz", "mask": "cases/mask.nii.gz"})
+        assert response.status_code == 400 and "no such file" in response.json()["error"]
+    request = tiny_request(brain_phantom, tmp_path / "d.nii.gz", "d", reference="server:cases/scan.nii.gz",
+                           mask=str(data_root / "cases" / "mask.nii.gz"))
+    end, events = run(client(server.url), request)
+    assert end["event"] == "finished", end
+    assert sum(e["event"] == "upload" for e in events) == 1  # only the mask travelled
+    assert read_volume(tmp_path / "d.nii.gz").shape == (12, 32, 32)
+
+
+def test_jobs_per_client_limit(server, data_root):
+    job = {"reference": "cases/scan.nii.gz", "mask": "cases/mask.nii.gz", "bundle": "tiny", "sampler": "ddim",
+           "steps": 400}
+    with http(server, client_id="greedy") as h:
+        ids = [h.post("/v1/jobs", json=job).json()["job_id"] for _ in range(3)]
+        response = h.post("/v1/jobs", json=job)
+        assert response.status_code == 429 and "--max-jobs-per-client 3" in response.json()["error"]
+        with http(server, client_id="other") as h2:
+            assert h2.get("/v1/info").json()["limits"]["max_jobs_per_client"] == 3
+        for job_id in ids:
+            assert h.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(h.get(f"/v1/jobs/{i}").json()["state"] != "cancelled" for i in ids):
+            time.sleep(0.2)
+        states = [h.get(f"/v1/jobs/{i}").json() for i in ids]
+        assert [s["state"] for s in states] == ["cancelled"] * 3, states
+
+
+def test_load_8_clients_x_3_jobs(server, brain_phantom, tmp_path):
+    """Every job finishes and each window of its plan arrives exactly once."""
+    result = bench.load_test(server.url, TOKEN, lambda c, j: tiny_request(
+        brain_phantom, tmp_path / f"l{c}_{j}.nii.gz", f"c{c}j{j}"), clients=8, jobs=3, timeout_s=240)
+    print(f"\nload 8x3: time to first window p50 {result['first_window_p50_s']:.2f} s, "
+          f"p95 {result['first_window_p95_s']:.2f} s, {result['jobs_per_minute']:.0f} jobs/min")
+    assert result["jobs"] == 24
+    assert result["finished"] == 24, [r.get("message") for r in result["records"] if r["terminal"] != "finished"]
+    assert result["windows_exact"] == 24
+    assert all(Path(tmp_path / f"l{c}_{j}.nii.gz").is_file() for c in range(8) for j in range(3))
