@@ -1,4 +1,5 @@
 """Phantom datasets: labels, contrasts, determinism, exact re-rendering, files, CLI."""
+import hashlib
 import json
 import sys
 import time
@@ -62,6 +63,25 @@ def test_same_seed_same_bytes_other_seed_other_case():
     assert first[2] == again[2]
     assert not np.array_equal(first[0].array, other[0].array)
     assert first[0].geometry != other[0].geometry
+
+
+# Default phantoms (no --sites) are pinned: the demo, the shipped bundle's training data and
+# many tests depend on them. A change here must be deliberate (and re-pin these digests).
+PINNED = [("brain", 3, 1, 32, 16, "631d771bd2e47af5"), ("brain", 0, 1, 64, 32, "bd033f25478c796e"),
+          ("abdomen", 3, 1, 32, 16, "8a9da3f6cf50669a"), ("abdomen", 0, 1, 64, 32, "aa24d74ed27b7efc"),
+          ("mni", 3, 1, 32, 16, "7c69b5637981da6e")]
+
+
+def _digest(image, labels, truth) -> str:
+    data = image.array.tobytes() + labels.array.tobytes() + json.dumps(truth, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kind, seed, index, size, slices, digest", PINNED)
+def test_default_phantoms_are_bit_for_bit_pinned(kind, seed, index, size, slices, digest):
+    if kind == "mni":
+        pytest.importorskip("nilearn")
+    assert _digest(*phantom.make_case(kind, seed, index, size=size, slices=slices)) == digest
 
 
 def _read(path):
