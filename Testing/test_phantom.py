@@ -1,4 +1,5 @@
 """Phantom datasets: labels, contrasts, determinism, exact re-rendering, files, CLI."""
+import hashlib
 import json
 import sys
 import time
@@ -62,6 +63,25 @@ def test_same_seed_same_bytes_other_seed_other_case():
     assert first[2] == again[2]
     assert not np.array_equal(first[0].array, other[0].array)
     assert first[0].geometry != other[0].geometry
+
+
+# Default phantoms (no --sites) are pinned: the demo, the shipped bundle's training data and
+# many tests depend on them. A change here must be deliberate (and re-pin these digests).
+PINNED = [("brain", 3, 1, 32, 16, "631d771bd2e47af5"), ("brain", 0, 1, 64, 32, "bd033f25478c796e"),
+          ("abdomen", 3, 1, 32, 16, "8a9da3f6cf50669a"), ("abdomen", 0, 1, 64, 32, "aa24d74ed27b7efc"),
+          ("mni", 3, 1, 32, 16, "7c69b5637981da6e")]
+
+
+def _digest(image, labels, truth) -> str:
+    data = image.array.tobytes() + labels.array.tobytes() + json.dumps(truth, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kind, seed, index, size, slices, digest", PINNED)
+def test_default_phantoms_are_bit_for_bit_pinned(kind, seed, index, size, slices, digest):
+    if kind == "mni":
+        pytest.importorskip("nilearn")
+    assert _digest(*phantom.make_case(kind, seed, index, size=size, slices=slices)) == digest
 
 
 def _read(path):
@@ -152,3 +172,59 @@ def test_twenty_brain_cases_at_96x96x64_under_20_seconds(tmp_path):
     elapsed = time.perf_counter() - start
     print(f"20 brain phantoms 96x96x64 written in {elapsed:.1f} s")
     assert elapsed < 20
+
+
+def _normalised_means(kind, sites, cases=8, tissue_name="wm", label=None):
+    """Per case, the mean normalised intensity of a pure tissue (or a label), as the engine
+    normalises: min-max per volume for MR, the HU window [-1000, 1000] for CT."""
+    means = []
+    for index in range(cases):
+        image, labels, truth = phantom.make_case(kind, 0, index, size=32, slices=16, sites=sites)
+        x = image.array.astype(np.float64)
+        x = (x - x.min()) / (x.max() - x.min()) * 2 - 1 if kind == "brain" else np.clip(x / 1000, -1, 1)
+        if label is None:
+            tissue = phantom.build_anatomy(kind, truth["patient"], image.shape, image.geometry.spacing)
+            where = (tissue[tissue_name] > 0.95) & (labels.array == 0)
+        else:
+            where = labels.array == label
+        means.append(x[where].mean())
+    return np.array(means)
+
+
+def test_site_variation_survives_per_volume_normalisation():
+    # Default brains: across-case sd of normalised white/grey matter ~0.13 at this size;
+    # sites must at least double it (measured ~0.32: benchmarks/phantom_variation.py).
+    for tissue_name in ("wm", "gm"):
+        default, sites = (_normalised_means("brain", s, tissue_name=tissue_name).std(ddof=1) for s in (0, 4))
+        assert sites > 0.2 and sites > 2 * default, (tissue_name, default, sites)
+    # CT: contrast phase moves the liver and kidneys by tens of HU (default sd ~10-16 HU).
+    for label in (1, 2):
+        default, sites = (_normalised_means("abdomen", s, label=label).std(ddof=1) for s in (0, 4))
+        assert sites > 0.03 and sites > 2 * default, (label, default, sites)
+
+
+def test_sites_are_shared_across_datasets_and_re_render_exactly(tmp_path):
+    a = phantom.make_case("brain", 0, 1, sites=3, site_seed=5, **SMALL)[2]
+    b = phantom.make_case("brain", 9, 4, sites=3, site_seed=5, **SMALL)[2]   # another dataset, site 1 too
+    c = phantom.make_case("brain", 0, 1, sites=3, site_seed=6, **SMALL)[2]
+    assert a["site"] == b["site"] == 1 and a["scanner"]["site"] == b["scanner"]["site"]
+    assert a["scanner"]["site"] != c["scanner"]["site"]
+    assert a["patient"] != b["patient"]
+    names = phantom.write_dataset(tmp_path, "abdomen", 2, seed=3, sites=2, **SMALL)
+    for name in names:
+        image, _ = _read(tmp_path / "imagesTr" / f"{name}_0000.nii.gz")
+        labels, _ = _read(tmp_path / "labelsTr" / f"{name}.nii.gz")
+        truth = json.loads((tmp_path / "groundtruth" / f"{name}.json").read_text())
+        assert truth["scanner"]["site"]["phase"] in ("arterial", "delayed", "non-contrast", "portal-venous")
+        assert np.array_equal(phantom.render_case(truth, labels), image)
+    with pytest.raises(ValueError, match="sites"):
+        phantom.make_case("brain", sites=-1, **SMALL)
+
+
+def test_cli_sites(tmp_path):
+    out = tmp_path / "ds"
+    result = CliRunner().invoke(main, ["phantom", "--size", "32", "--slices", "16", "--cases", "2",
+                                       "--sites", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "brain_001: site 1" in result.output and "at 2 sites" in result.output
+    assert "2 sites (site seed 0)" in json.loads((out / "dataset.json").read_text())["description"]

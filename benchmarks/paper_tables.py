@@ -181,12 +181,12 @@ def write_montage(test: Path, folders: Dict[str, Path], out: Path) -> None:
 
     case = open_dataset(test).cases[0]
     mask, real = read_volume(case.mask), read_volume(case.image)
-    rows = [("mask", mask, "label"), ("real", real, "image")]
+    rows = [("real", real, "image")]
     for title, folder in folders.items():
         rows.append((title, read_volume(folder / "imagesTr" / f"{case.case_id}_syn00_0000.nii.gz"), "image"))
     lesion = np.argwhere(mask.array > 0)
     centre = lesion.mean(0).round().astype(int) if len(lesion) else None
-    montage(rows, centre_index=centre, window=tuple(np.percentile(real.array, [1, 99.5]))).save(out)
+    montage(rows, centre_index=centre, window=tuple(np.percentile(real.array, [1, 99.5])), contours=mask).save(out)
 
 
 def plots(report: dict, prefix: Path) -> List[str]:

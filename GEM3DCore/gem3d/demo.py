@@ -63,9 +63,9 @@ def run_demo(out: Path, bundle: Optional[str] = None, device: str = "auto", seed
     lesion = np.argwhere(edited.array > 0)
     centre = lesion.mean(axis=0).round().astype(int) if len(lesion) else None
     window = tuple(np.percentile(ref.array, [1, 99.5]))
-    sheet = montage([("mask (moved)", edited, "label"), ("reference", ref, "image"),
-                     ("synthetic", out_volume, "image"), ("true counterf.", true_cf, "image")],
-                    centre_index=centre, window=window)
+    sheet = montage([("reference", ref, "image"), ("synthetic", out_volume, "image"),
+                     ("true counterf.", true_cf, "image")],
+                    centre_index=centre, window=window, contours=edited)   # outlines: the moved mask
     png = out / "montage.png"
     sheet.save(png)
     summary = {"outputs": {**finished["outputs"], "truth": str(out / "counterfactual_truth.nii.gz"),

@@ -2,7 +2,9 @@
 
 Planes are cut through one physical point and drawn with their physical aspect
 ratio (anisotropic voxels are stretched accordingly), in the model's view of
-the scan (axial slices, superior up in coronal/sagittal). Pillow only.
+the scan (axial slices, superior up in coronal/sagittal). A mask given as
+`contours` is drawn as one-pixel coloured outlines over every image row, so the
+labels are seen on the anatomy. Pillow only.
 """
 from __future__ import annotations
 
@@ -30,6 +32,16 @@ def to_colour(plane: np.ndarray) -> np.ndarray:
     return rgb
 
 
+def outline(labels: np.ndarray) -> np.ndarray:
+    """Label values on the boundary of each labelled region (0 elsewhere): a pixel whose
+    4-neighbours are not all of its own label."""
+    padded = np.pad(labels, 1, mode="edge")
+    same = np.ones(labels.shape, bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        same &= padded[dy:dy + labels.shape[0], dx:dx + labels.shape[1]] == labels
+    return np.where(same, 0, labels)
+
+
 def _planes(array: np.ndarray, centre: Sequence[int]) -> List[np.ndarray]:
     """Axial (y, x), coronal and sagittal (z flipped so superior is up) of an axial-ordered array."""
     z, y, x = centre
@@ -37,10 +49,12 @@ def _planes(array: np.ndarray, centre: Sequence[int]) -> List[np.ndarray]:
 
 
 def montage(rows: Sequence[Tuple[str, Volume, str]], centre_index: Optional[Sequence[int]] = None,
-            panel: int = 160, window: Optional[Tuple[float, float]] = None) -> Image.Image:
+            panel: int = 160, window: Optional[Tuple[float, float]] = None,
+            contours: Optional[Volume] = None) -> Image.Image:
     """rows: (title, volume, "image" | "label"); all volumes on the grid of the first one.
 
-    centre_index: (z, y, x) of the cut in the first volume's array (default: its middle)."""
+    centre_index: (z, y, x) of the cut in the first volume's array (default: its middle).
+    contours: a label volume (same grid) outlined over every "image" row."""
     reference = rows[0][1]
     grid = ModelGrid.fit(reference.geometry, reference.shape, max(reference.shape[1:]))
     spacing = np.asarray(reference.geometry.spacing)[[2 - a for a in grid.order]]
@@ -54,6 +68,9 @@ def montage(rows: Sequence[Tuple[str, Volume, str]], centre_index: Optional[Sequ
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(PLANES):
         draw.text((120 + c * panel + 4, 2), name, fill=(255, 255, 255))
+    if contours is not None and contours.shape != reference.shape:
+        raise ValueError(f"montage contours: shape {contours.shape} differs from {reference.shape}")
+    outlines = _planes(grid.reorient(contours.array), centre) if contours is not None else None
     for r, (title, volume, kind) in enumerate(rows):
         if volume.shape != reference.shape:
             raise ValueError(f"montage row {title!r}: shape {volume.shape} differs from {reference.shape}")
@@ -68,6 +85,12 @@ def montage(rows: Sequence[Tuple[str, Volume, str]], centre_index: Optional[Sequ
             size = (max(1, int(round(w_mm * scale))), max(1, int(round(h_mm * scale))))
             tile = Image.fromarray(np.ascontiguousarray(rgb)).resize(size, Image.NEAREST if kind == "label"
                                                                       else Image.BILINEAR)
+            if outlines is not None and kind == "image":    # outline at display resolution: crisp lines
+                labels = Image.fromarray(outlines[c].astype(np.int32)).resize(size, Image.NEAREST)
+                edge = outline(np.asarray(labels))
+                pixels = np.asarray(tile).copy()
+                pixels[edge != 0] = to_colour(edge)[edge != 0]
+                tile = Image.fromarray(pixels)
             sheet.paste(tile, (120 + c * panel + (panel - size[0]) // 2,
                                title_h + r * panel + (panel - size[1]) // 2))
         draw.text((4, title_h + r * panel + panel // 2 - 6), title, fill=(255, 255, 255))
