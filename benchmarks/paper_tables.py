@@ -352,7 +352,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     held = {"GEM-3D": gen("test_gem3d", "gem3d", test_cases, same),
             "baseline": gen("test_baseline", "baseline", test_cases, same),
-            "no overlapped inpainting": gen("test_no_oi", "gem3d", test_cases, same, inpaint_overlap=False),
+            "no overlapped inpainting": gen("test_no_oi", "gem3d", test_cases, same, replace_known=False),
             "no volumetric tuning": gen("test_no_vt", "gem3d_stage1", test_cases, same)}
     samplers = {f"{s}-{n}": gen(f"test_{s}{n}", "gem3d", test_cases, same, sampler=(s, n)) for s, n in b["samplers"]}
     table1 = {"ic": gen("ic", "gem3d", train_cases, other(0)),

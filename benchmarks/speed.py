@@ -245,10 +245,10 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         engine = Engine(random_bundle(args.preset, size, tmp), str(device))
         cases = {z: write_case(tmp, z, size, cfg.data.labels) for z in sorted(set(args.z))}
-        eager_unet, eager_autocast = engine.bundle.unet, engine.autocast
+        eager_unet, eager_autocast = engine.bundle.unet, engine.pipeline.autocast
         warmed = set()
         for name, z, sampler, steps, batched, precision, compiled in plan(args, cuda):
-            engine.autocast = eager_autocast if precision != "fp32" or not cuda else contextlib.nullcontext
+            engine.pipeline.autocast = eager_autocast if precision != "fp32" or not cuda else contextlib.nullcontext
             engine.bundle.unet = torch.compile(eager_unet) if compiled else eager_unet
             key = (precision, compiled, batched, z)
             if key not in warmed:  # lazy initialisation and compilation (batch shapes) stay out of the timings

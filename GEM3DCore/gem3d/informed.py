@@ -17,9 +17,9 @@ import torch
 
 from gem3d.grid import ModelGrid, position_slice, slice_position
 from gem3d.intensity import Normaliser
-from gem3d.io import read_volume
 from gem3d.request import InformedSpec, RequestError
 from gem3d.sampling import Cancelled
+from gem3d.volume import Volume
 
 
 @dataclass
@@ -39,16 +39,15 @@ def model_index(grid: ModelGrid, reference_index: int) -> int:
         raise RequestError(f"informed {err}") from None
 
 
-def from_scan(path: str, spec: InformedSpec, position: float, size: int,
+def from_scan(scan: Volume, spec: InformedSpec, position: float, size: int,
               normaliser: Normaliser) -> InformedSlice:
-    """A slice of another scan, normalised on that scan's own intensities."""
-    scan = read_volume(path)
+    """A slice of another scan (``spec.scan`` names it), normalised on its own intensities."""
     grid = ModelGrid.fit(scan.geometry, scan.shape, size)
     z = model_index(grid, int(spec.slice)) if spec.slice is not None else \
         position_slice(spec.position if spec.position is not None else position, grid.n_slices)
     params = normaliser.fit(scan.array)
     image = grid.to_model(normaliser.forward(scan.array, params), "image", pad_value=-1.0)[z]
-    return InformedSlice(image, None, {"source": spec.source, "scan": str(path), **_where(grid, z)})
+    return InformedSlice(image, None, {"source": spec.source, "scan": spec.scan, **_where(grid, z)})
 
 
 def from_reference(image_m: np.ndarray, grid: ModelGrid, z: int) -> InformedSlice:

@@ -164,7 +164,7 @@ def _window_preview(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentC
         def denoiser(x, t, mask, informed_latent):
             return unet(x, t, volume_condition(mask, informed_latent if cfg.informed_slice else None)).float()
 
-        run = propagate(denoiser, masks, informed, plan_windows(n, n, 0.0),
+        run = propagate(denoiser, masks, informed, plan_windows(n, n, 0),
                         scheduler_factory("ddim", PREVIEW_STEPS, cfg.diffusion),
                         torch.Generator(device).manual_seed(cfg.train.seed))
         for _ in run:
