@@ -49,7 +49,7 @@ def describe_config(cfg: Config) -> dict:
         "label_map": cfg_label_map(cfg).to_dict(),
         "intensity": cfg_intensity(cfg),
         "slice_size": cfg.data.slice_size,
-        "window_length": cfg.train.window,
+        "window_length": cfg.window_length,
         "latent_scale": cfg.vae.scale,
         "informed_slice": cfg.informed_slice,
         "sampler": {"name": sampler, "steps": steps},

@@ -25,13 +25,13 @@ import gem3d
 from gem3d.body import with_outside_label
 from gem3d.bundle import Bundle
 from gem3d.grid import ModelGrid, position_slice, slice_position
-from gem3d.informed import InformedSlice, from_reference, from_scan, generate_latent, model_index
+from gem3d.informed import InformedSlice, from_reference, from_scan, model_index
 from gem3d.intensity import make_normaliser
 from gem3d.mask_edits import apply_edits, paper_augmentation
 from gem3d.models import decode_latents, encode_masks, encode_slices, volume_condition
 from gem3d.request import GenerateRequest, RequestError
 from gem3d.sampler_settings import resolve_sampler
-from gem3d.sampling import plan_windows, propagate, scheduler_factory, start_slice
+from gem3d.sampling import generate_latent, plan_windows, propagate, scheduler_factory, start_slice
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.pipeline")
@@ -199,7 +199,7 @@ class Pipeline:
                                               self.bundle.slice_size, self.normaliser)
         if spec.position is not None:
             informed_position = spec.position
-        return start, position, InformedSlice(None, None, {"source": "generated", "position": informed_position})
+        return start, position, InformedSlice(None, {"source": "generated", "position": informed_position})
 
     def _informed_latent(self, informed: InformedSlice, mask_latents, factory, generator, cancel) -> torch.Tensor:
         if informed.image is not None:

@@ -72,7 +72,7 @@ def info(path, config):
         with torch.device("meta"):
             modules = {"vae": build_vae(cfg), "unet": build_unet(cfg, volumetric=True),
                        "slice_model": build_slice_model(cfg)}
-        click.echo(f"config {cfg.name}: {cfg.data.slice_size} px slices, windows of {cfg.train.window}")
+        click.echo(f"config {cfg.name}: {cfg.data.slice_size} px slices, windows of {cfg.window_length}")
         _echo_counts(parameter_counts(modules))
         return
     try:

@@ -21,7 +21,7 @@ from gem3d.intensity import make_normaliser
 from gem3d.io import read_volume
 from gem3d.labels import LabelMap, UnknownLabelError
 from gem3d.models import encode_masks, encode_slices
-from gem3d.windows import PreparedCase, SliceDataset, WindowDataset, prepare_case
+from gem3d.training.examples import PreparedCase, SliceDataset, WindowDataset, prepare_case
 
 
 @dataclass
