@@ -68,7 +68,7 @@ def read_input(path, what: str, channel: Optional[int] = None) -> Volume:
 def fit_mask(mask: Volume, reference: Volume, where: str) -> Tuple[Volume, Optional[float]]:
     """The mask on the reference's grid and the share of its labelled volume kept (None when it
     was already there). Refused when resampling loses a label (no overlap, cropped lesion)."""
-    if mask.shape == reference.shape and mask.geometry.allclose(reference.geometry):
+    if mask.same_grid(reference):
         return mask, None
     resampled = sitk.Resample(mask.to_sitk(), reference.to_sitk(), sitk.Transform(),
                               sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
