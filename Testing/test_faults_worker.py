@@ -47,12 +47,12 @@ class Worker:
         self.proc.stdin.write((line.encode() if isinstance(line, str) else line) + b"\n")
         self.proc.stdin.flush()
 
-    def next(self, timeout=60):
+    def next(self, timeout=240):
         event = self.events.get(timeout=timeout)
         assert event is not None, b"".join(self.stderr[-20:]).decode(errors="replace")
         return event
 
-    def until(self, kinds, timeout=120):
+    def until(self, kinds, timeout=300):
         seen, deadline = [], time.monotonic() + timeout
         while not seen or seen[-1]["event"] not in kinds:
             seen.append(self.next(max(deadline - time.monotonic(), 0.1)))
