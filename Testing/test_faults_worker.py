@@ -52,6 +52,13 @@ class Worker:
         assert event is not None, b"".join(self.stderr[-20:]).decode(errors="replace")
         return event
 
+    def answer(self):
+        """The next event that is not a heartbeat."""
+        event = self.next()
+        while event["event"] == "heartbeat":
+            event = self.next()
+        return event
+
     def until(self, kinds, timeout=300):
         seen, deadline = [], time.monotonic() + timeout
         while not seen or seen[-1]["event"] not in kinds:
@@ -114,7 +121,7 @@ def test_no_line_crashes_or_hangs_the_worker(worker, tiny_bundle, brain_phantom,
     (broken / "unet.safetensors").write_bytes((broken / "unet.safetensors").read_bytes()[:1000])
     for name, line, job_id, words in hostile_lines(brain_phantom, tmp_path / "x.nii.gz", broken):
         worker.send(line)
-        event = worker.next()
+        event = worker.answer()
         assert event["event"] == "error", (name, event)
         assert words in event["message"] and "Traceback" not in event["message"], (name, event["message"])
         assert event["job_id"] == job_id, (name, event)
