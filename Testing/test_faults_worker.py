@@ -140,12 +140,12 @@ def test_eof_finishes_the_running_job_and_answers_the_queued_ones(tiny_bundle, b
     w = Worker(tiny_bundle)
     try:
         w.send(json.dumps(request(brain_phantom, tmp_path / "a.nii.gz", "a", sampler="ddim", steps=20)))
-        assert w.next()["event"] == "started"
+        assert w.until({"started", "error"})[-1]["event"] == "started"
         w.send(json.dumps(request(brain_phantom, tmp_path / "b.nii.gz", "b")))
         w.proc.stdin.close()
         events = w.until({"finished", "error"})
         assert events[-1]["event"] == "finished" and events[-1]["job_id"] == "a", events[-1]
-        queued = w.next()
+        queued = w.answer()
         assert queued["event"] == "error" and queued["job_id"] == "b" and "EOF" in queued["message"]
         assert w.proc.wait(timeout=30) == 0
         assert (tmp_path / "a.nii.gz").exists() and not (tmp_path / "b.nii.gz").exists()
