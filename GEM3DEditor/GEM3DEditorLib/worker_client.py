@@ -165,6 +165,8 @@ class WorkerClient:
         job_id = request.get("job_id") if isinstance(request, dict) else None
         job_id = job_id if isinstance(job_id, str) else None
         try:
+            if job_id is None:
+                raise ValueError("Invalid generate request: job_id must be a non-empty string.")
             requests.validate_request(request)
         except Exception as err:  # RequestError, or a request too broken to validate
             self._client_error(job_id, str(err))
