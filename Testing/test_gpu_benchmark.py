@@ -90,6 +90,13 @@ def test_budget_guard_skips_and_stops():
             while True:
                 time.sleep(0.01)
     assert time.perf_counter() - t0 < 2
+    try:  # torch.compile re-raises what interrupts it inside its own error
+        try:
+            raise gpu_speed.OverCap()
+        except gpu_speed.OverCap as err:
+            raise RuntimeError("InternalTorchDynamoError") from err
+    except RuntimeError as wrapped:
+        assert gpu_speed.over_cap(wrapped) and not gpu_speed.over_cap(RuntimeError("other"))
 
 
 def test_gpu_run_without_a_gpu_says_so():

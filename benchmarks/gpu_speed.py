@@ -93,6 +93,17 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def over_cap(err: BaseException) -> bool:
+    """Whether ``err`` is, or was raised while handling, an OverCap (torch.compile wraps it)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OverCap):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def fits(estimate_s: float, cap_s: float, remaining_s: float) -> Optional[str]:
     """None if a case of ``estimate_s`` fits, else the reason it is skipped."""
     limit = min(cap_s, remaining_s)
@@ -603,8 +614,10 @@ def main(argv=None) -> dict:
                 warm = bench.warm(r)
                 result = bench.run(r, max_windows=max_windows, keep=r.name in ("ours-bf16", "ours-fp32", "compile",
                                                                                "cuda-graphs"))
-        except OverCap:
-            reason = f"stopped at its cap of {min(r.cap_s, bench.remaining()):.0f} s"
+        except Exception as err:  # noqa: BLE001 - one failed row must not cost the GPU session the rest
+            first_line = (str(err).strip().splitlines() or [""])[0][:300]
+            reason = (f"stopped at its cap of {min(r.cap_s, bench.remaining()):.0f} s" if over_cap(err)
+                      else f"failed: {type(err).__name__}: {first_line}")
             report["runs"][r.name] = {**row, "skipped": reason}
             report["skips"].append(f"{r.name}: {reason}")
             log(f"{r.name}: {reason}")
