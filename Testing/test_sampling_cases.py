@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gem3d.sampling import plan_windows, propagate, scheduler_factory
+from gem3d.sampling import plan_windows, propagate, scheduler_factory, start_slice
 from gem3d.sampling.cases import propagate_cases
 
 C, H, W, N, Z = 4, 4, 4, 8, 20
@@ -34,7 +34,7 @@ def oracle(targets, batches):
 @pytest.mark.parametrize("sampler", [("ddim", 10, 1.0), ("dpm++", 8, None)])
 def test_each_case_gets_its_own_volume_in_shared_calls(sampler):
     targets = [torch.randn(Z, C, H, W, generator=torch.Generator().manual_seed(k)) for k in range(3)]
-    plan = plan_windows(Z, N, 0.4)
+    plan = plan_windows(Z, N, start_slice(0.4, Z, N))
     name, steps, eta = sampler
     factory = scheduler_factory(name, steps, eta=eta)
     batches, alone = [], []
@@ -56,7 +56,7 @@ def test_each_case_gets_its_own_volume_in_shared_calls(sampler):
 
 
 def test_cases_of_different_grids_are_refused():
-    plan = plan_windows(Z, N, 0.5)
+    plan = plan_windows(Z, N, start_slice(0.5, Z, N))
     with pytest.raises(ValueError, match="differ in shape"):
         propagate_cases(oracle([], []), [case_masks(0), case_masks(1)[:, :1]], [torch.zeros(C, H, W)] * 2,
                         plan, scheduler_factory("ddim", 2), torch.Generator())

@@ -49,7 +49,7 @@ from speed import machine, peak_memory  # noqa: E402
 
 from gem3d import config  # noqa: E402
 from gem3d.models import build_unet, build_vae, decode_latents, encode_masks, encode_slices, volume_condition  # noqa: E402
-from gem3d.sampling import plan_windows, scheduler_factory  # noqa: E402
+from gem3d.sampling import plan_windows, scheduler_factory, start_slice  # noqa: E402
 from gem3d.sampling.cases import propagate_cases  # noqa: E402
 
 START = 0.5  # start position p of every run: the first window in the middle of the volume
@@ -253,7 +253,7 @@ class Bench:
 
     def estimate(self, r: Recipe) -> dict:
         """Seconds of a recipe from calibrated calls and VAE rates; per window for extrapolation."""
-        plan = plan_windows(r.z, self.n, START)
+        plan = plan_windows(r.z, self.n, start_slice(START, r.z, self.n))
         groups = plan.rounds if r.batched else [(w,) for w in plan.windows]
         sample = sum(r.steps * self.calibrate(r.precision, r.cases * len(g)) for g in groups)
         decoded = r.z if r.decode_new_only else r.z + sum(len(w.known) for w in plan.windows)
@@ -279,7 +279,7 @@ class Bench:
                 informed = list(encode_slices(self.vae, images.to(device), cfg.vae.scale).float())
             self.sync()
             encoded = time.perf_counter() - t0
-            plan = plan_windows(r.z, self.n, START)
+            plan = plan_windows(r.z, self.n, start_slice(START, r.z, self.n))
             factory = scheduler_factory(r.sampler, r.steps, cfg.diffusion, r.eta)
             run = propagate_cases(denoise, [masks] * r.cases, informed, plan, factory,
                                   torch.Generator().manual_seed(self.seed), batch_directions=r.batched)
