@@ -12,12 +12,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from gem3d.io import read_description, read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle"
 TOKEN = "test-token-0123456789abcdef"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the 2 shared cores: one thread per process is fastest
 _spec = importlib.util.spec_from_file_location("remote_bench", ROOT / "benchmarks" / "remote.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -56,7 +58,7 @@ def server(tiny_bundle, data_root, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     s = bench.ServerProcess([tiny_bundle, DEMO_BUNDLE], "--token-file", str(token_file), "--data-root",
                             str(data_root), "--max-upload-mb", "1", "--max-jobs-per-client", "3",
-                            "--keep-results", "120")
+                            "--keep-results", "120", env=ONE_THREAD)
     yield s
     s.stop()
     log = s.output()
@@ -142,7 +144,12 @@ def test_demo_job_equals_local_generation(server, tmp_path):
 
     local = dict(request, out=str(tmp_path / "local.nii.gz"), mask_out=None)
     local.pop("type")
-    finished = list(Engine(DEMO_BUNDLE, "cpu").generate(GenerateRequest.from_dict(local)))[-1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs: the same thread count, the same arithmetic
+    try:
+        finished = list(Engine(DEMO_BUNDLE, "cpu").generate(GenerateRequest.from_dict(local)))[-1]
+    finally:
+        torch.set_num_threads(threads)
     assert finished["event"] == "finished", finished
     remote, ref, expected = (read_volume(p) for p in (request["out"], reference, local["out"]))
     assert remote.shape == ref.shape and remote.geometry.allclose(ref.geometry)
@@ -175,7 +182,7 @@ def test_cancel_mid_job(server, brain_phantom, tmp_path):
 
 
 def test_server_killed_mid_job_is_an_error_event(tiny_bundle, brain_phantom, tmp_path):
-    s = bench.ServerProcess([tiny_bundle])
+    s = bench.ServerProcess([tiny_bundle], env=ONE_THREAD)
     try:
         c = client(s.url, None)
         job = c.generate(tiny_request(brain_phantom, tmp_path / "k.nii.gz", "k", sampler="ddim", steps=400))

@@ -45,14 +45,15 @@ def free_port() -> int:
 class ServerProcess:
     """`gem3d serve` in a subprocess on a free loopback port, ready when /health answers."""
 
-    def __init__(self, bundles: List[Path], *args: str, device: str = "cpu", startup_s: float = 120.0):
+    def __init__(self, bundles: List[Path], *args: str, device: str = "cpu", startup_s: float = 120.0,
+                 env: Optional[Dict[str, str]] = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "gem3d", "serve", "--port", str(self.port), "--devices", device]
         for bundle in bundles:
             command += ["--bundle", str(bundle)]
         self.log = tempfile.TemporaryFile()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(command + list(args), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
