@@ -285,3 +285,33 @@ def test_load_8_clients_x_3_jobs(server, brain_phantom, tmp_path):
     assert result["finished"] == 24, [r.get("message") for r in result["records"] if r["terminal"] != "finished"]
     assert result["windows_exact"] == 24
     assert all(Path(tmp_path / f"l{c}_{j}.nii.gz").is_file() for c in range(8) for j in range(3))
+
+
+def test_results_expire_after_keep_s(tmp_path):
+    """Ended jobs and uploads are deleted keep_s seconds after they end, not before; running ones stay."""
+    from gem3d.jobs import Job, JobStore, Upload
+    from gem3d.request import GenerateRequest
+
+    now = [1000.0]
+    store = JobStore(tmp_path, [], keep_s=60, max_jobs_per_client=1, max_queued=1, clock=lambda: now[0])
+    jobs = []
+    for _ in range(2):
+        job_id, folder = store.new_job_folder()
+        job = Job(job_id, "c", "cpu", "tiny", GenerateRequest(reference="r", mask="m", out="o"), folder)
+        store.jobs[job_id] = job
+        jobs.append(job)
+    (jobs[0].folder / "synthetic.nii.gz").write_bytes(b"x")
+    jobs[0].add({"event": "finished", "outputs": {"image": str(jobs[0].folder / "synthetic.nii.gz")}}, 60)
+    jobs[0].add({"event": "error", "message": f"{jobs[0].folder}/input_mask.nii.gz: bad"}, 60)
+    assert jobs[0].events[-1]["message"] == "input_mask.nii.gz: bad"
+    assert jobs[0].events[0]["outputs"] == {"image": f"/v1/jobs/{jobs[0].id}/outputs/image"}
+    jobs[0].ended = now[0]
+    upload_id, path = store.new_upload_path(".nii.gz")
+    path.write_bytes(b"x")
+    store.add_upload(Upload(upload_id, "c", path, created=now[0]))
+    now[0] += 59
+    assert store.expire() == 0 and jobs[0].folder.is_dir() and path.is_file()
+    now[0] += 2
+    assert store.expire() == 2
+    assert not jobs[0].folder.exists() and not path.exists() and store.job(jobs[0].id) is None
+    assert store.job(jobs[1].id) is jobs[1] and jobs[1].folder.is_dir()
