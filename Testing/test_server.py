@@ -315,3 +315,14 @@ def test_results_expire_after_keep_s(tmp_path):
     assert store.expire() == 2
     assert not jobs[0].folder.exists() and not path.exists() and store.job(jobs[0].id) is None
     assert store.job(jobs[1].id) is jobs[1] and jobs[1].folder.is_dir()
+
+
+@pytest.mark.slow
+def test_remote_benchmark_smoke_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "remote.py"), "--smoke", "--out-dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "remote_smoke.json").read_text())
+    assert report["remote_output_equals_local"] and report["load"]["finished"] == report["load"]["jobs"] == 4
+    assert "Remote / local" in (tmp_path / "remote_smoke.md").read_text()

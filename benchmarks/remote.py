@@ -10,6 +10,7 @@
    the first window per job (p50, p95), job wall time and throughput.
 
   python benchmarks/remote.py                 # CPU: 3 repeats, 8 clients x 3 jobs
+  python benchmarks/remote.py --threads 1     # the same on a CPU shared with other work
   python benchmarks/remote.py --device cuda   # on a GPU server
   python benchmarks/remote.py --smoke --out-dir /tmp/remote   # seconds (CI)
 """
@@ -207,15 +208,22 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--load-steps", type=int, default=5, help="sampler steps of each load-test job")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads, here and in the server (default: torch's); 1 on a shared machine")
     parser.add_argument("--smoke", action="store_true", help="1 repeat, 2 clients x 2 jobs, 1 step")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     if args.smoke:
         args.repeats, args.clients, args.jobs, args.load_steps = 1, 2, 2, 1
+    import torch
+
     from gem3d import phantom
     from gem3d.commands.generate import default_bundle
     from gem3d.engine import Engine
     from gem3d.remote import RemoteClient
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     bundle = default_bundle()
     work = Path(tempfile.mkdtemp(prefix="gem3d-remote-bench-"))
@@ -225,7 +233,8 @@ def main(argv=None) -> int:
                           slices=2 * engine.bundle.window_length + 8, seed=0)
     reference, mask = data / "imagesTr" / "brain_000_0000.nii.gz", data / "labelsTr" / "brain_000.nii.gz"
     demo_steps = 1 if args.smoke else None
-    server = ServerProcess([bundle], "--max-jobs-per-client", str(max(args.jobs, 1)), device=args.device)
+    server = ServerProcess([bundle], "--max-jobs-per-client", str(max(args.jobs, 1)), device=args.device,
+                           env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
     try:
         client = RemoteClient(server.url)
         time_local(engine, demo_request(reference, mask, work / "warm_local.nii.gz", 1))  # first-call costs
@@ -242,7 +251,7 @@ def main(argv=None) -> int:
         server.stop()
     med = {name: {k: statistics.median(run[k] for run in runs) for k in ("total_s", "first_window_s")}
            for name, runs in (("local", local), ("remote", remote))}
-    report = {"machine": machine(), "device": args.device, "bundle": bundle.name, "repeats": args.repeats,
+    report = {"machine": machine(), "device": args.device, "threads": torch.get_num_threads(), "bundle": bundle.name, "repeats": args.repeats,
               "demo_steps": demo_steps or engine.bundle.info["sampler"]["steps"],
               "local": local, "remote": remote, "median": med,
               "ratio_remote_over_local": med["remote"]["total_s"] / med["local"]["total_s"],
@@ -265,7 +274,7 @@ def read(path: Path) -> np.ndarray:
 def render(report: dict) -> str:
     m, med, load = report["machine"], report["median"], report["load"]
     lines = [f"# gem3d serve: remote vs local ({report['device']}; {m['cpu']}, {m['cores']} cores"
-             f"{', ' + m['gpu'] if m['gpu'] else ''})", "",
+             f"{', ' + m['gpu'] if m['gpu'] else ''}; {report['threads']} torch thread(s) per process)", "",
              f"Demo job ({report['bundle']}, {report['demo_steps']} steps), median of {report['repeats']}:", "",
              "| path | total s | first window s |", "| --- | --- | --- |"]
     for name in ("local", "remote"):
