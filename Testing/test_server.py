@@ -12,12 +12,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from gem3d.io import read_description, read_volume
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle"
 TOKEN = "test-token-0123456789abcdef"
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the 2 shared cores: one thread per process is fastest
 _spec = importlib.util.spec_from_file_location("remote_bench", ROOT / "benchmarks" / "remote.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -56,7 +58,7 @@ def server(tiny_bundle, data_root, tmp_path_factory):
     token_file.write_text(TOKEN + "\n")
     s = bench.ServerProcess([tiny_bundle, DEMO_BUNDLE], "--token-file", str(token_file), "--data-root",
                             str(data_root), "--max-upload-mb", "1", "--max-jobs-per-client", "3",
-                            "--keep-results", "120")
+                            "--keep-results", "120", env=ONE_THREAD)
     yield s
     s.stop()
     log = s.output()
@@ -142,7 +144,12 @@ def test_demo_job_equals_local_generation(server, tmp_path):
 
     local = dict(request, out=str(tmp_path / "local.nii.gz"), mask_out=None)
     local.pop("type")
-    finished = list(Engine(DEMO_BUNDLE, "cpu").generate(GenerateRequest.from_dict(local)))[-1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the server runs: the same thread count, the same arithmetic
+    try:
+        finished = list(Engine(DEMO_BUNDLE, "cpu").generate(GenerateRequest.from_dict(local)))[-1]
+    finally:
+        torch.set_num_threads(threads)
     assert finished["event"] == "finished", finished
     remote, ref, expected = (read_volume(p) for p in (request["out"], reference, local["out"]))
     assert remote.shape == ref.shape and remote.geometry.allclose(ref.geometry)
@@ -175,7 +182,7 @@ def test_cancel_mid_job(server, brain_phantom, tmp_path):
 
 
 def test_server_killed_mid_job_is_an_error_event(tiny_bundle, brain_phantom, tmp_path):
-    s = bench.ServerProcess([tiny_bundle])
+    s = bench.ServerProcess([tiny_bundle], env=ONE_THREAD)
     try:
         c = client(s.url, None)
         job = c.generate(tiny_request(brain_phantom, tmp_path / "k.nii.gz", "k", sampler="ddim", steps=400))
@@ -278,3 +285,44 @@ def test_load_8_clients_x_3_jobs(server, brain_phantom, tmp_path):
     assert result["finished"] == 24, [r.get("message") for r in result["records"] if r["terminal"] != "finished"]
     assert result["windows_exact"] == 24
     assert all(Path(tmp_path / f"l{c}_{j}.nii.gz").is_file() for c in range(8) for j in range(3))
+
+
+def test_results_expire_after_keep_s(tmp_path):
+    """Ended jobs and uploads are deleted keep_s seconds after they end, not before; running ones stay."""
+    from gem3d.jobs import Job, JobStore, Upload
+    from gem3d.request import GenerateRequest
+
+    now = [1000.0]
+    store = JobStore(tmp_path, [], keep_s=60, max_jobs_per_client=1, max_queued=1, clock=lambda: now[0])
+    jobs = []
+    for _ in range(2):
+        job_id, folder = store.new_job_folder()
+        job = Job(job_id, "c", "cpu", "tiny", GenerateRequest(reference="r", mask="m", out="o"), folder)
+        store.jobs[job_id] = job
+        jobs.append(job)
+    (jobs[0].folder / "synthetic.nii.gz").write_bytes(b"x")
+    jobs[0].add({"event": "finished", "outputs": {"image": str(jobs[0].folder / "synthetic.nii.gz")}}, 60)
+    jobs[0].add({"event": "error", "message": f"{jobs[0].folder}/input_mask.nii.gz: bad"}, 60)
+    assert jobs[0].events[-1]["message"] == "input_mask.nii.gz: bad"
+    assert jobs[0].events[0]["outputs"] == {"image": f"/v1/jobs/{jobs[0].id}/outputs/image"}
+    jobs[0].ended = now[0]
+    upload_id, path = store.new_upload_path(".nii.gz")
+    path.write_bytes(b"x")
+    store.add_upload(Upload(upload_id, "c", path, created=now[0]))
+    now[0] += 59
+    assert store.expire() == 0 and jobs[0].folder.is_dir() and path.is_file()
+    now[0] += 2
+    assert store.expire() == 2
+    assert not jobs[0].folder.exists() and not path.exists() and store.job(jobs[0].id) is None
+    assert store.job(jobs[1].id) is jobs[1] and jobs[1].folder.is_dir()
+
+
+@pytest.mark.slow
+def test_remote_benchmark_smoke_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "remote.py"), "--smoke", "--out-dir",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "remote_smoke.json").read_text())
+    assert report["remote_output_equals_local"] and report["load"]["finished"] == report["load"]["jobs"] == 4
+    assert "Remote / local" in (tmp_path / "remote_smoke.md").read_text()

@@ -10,6 +10,7 @@
    the first window per job (p50, p95), job wall time and throughput.
 
   python benchmarks/remote.py                 # CPU: 3 repeats, 8 clients x 3 jobs
+  python benchmarks/remote.py --threads 1     # the same on a CPU shared with other work
   python benchmarks/remote.py --device cuda   # on a GPU server
   python benchmarks/remote.py --smoke --out-dir /tmp/remote   # seconds (CI)
 """
@@ -45,14 +46,15 @@ def free_port() -> int:
 class ServerProcess:
     """`gem3d serve` in a subprocess on a free loopback port, ready when /health answers."""
 
-    def __init__(self, bundles: List[Path], *args: str, device: str = "cpu", startup_s: float = 120.0):
+    def __init__(self, bundles: List[Path], *args: str, device: str = "cpu", startup_s: float = 120.0,
+                 env: Optional[Dict[str, str]] = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "gem3d", "serve", "--port", str(self.port), "--devices", device]
         for bundle in bundles:
             command += ["--bundle", str(bundle)]
         self.log = tempfile.TemporaryFile()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.process = subprocess.Popen(command + list(args), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
@@ -70,6 +72,11 @@ class ServerProcess:
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -157,20 +164,21 @@ def demo_request(reference: Path, mask: Path, out: Path, steps: Optional[int]) -
 def time_local(engine, request: dict) -> dict:
     from gem3d.request import GenerateRequest
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     first = None
     for event in engine.generate(GenerateRequest.from_dict(request)):
         if event["event"] == "window" and first is None:
             first = time.perf_counter() - t0
         if event["event"] in ("finished", "error", "cancelled"):
             assert event["event"] == "finished", event
-    return {"total_s": time.perf_counter() - t0, "first_window_s": first}
+    return {"total_s": time.perf_counter() - t0, "first_window_s": first, "cpu_s": time.process_time() - c0}
 
 
-def time_remote(client, request: dict) -> dict:
+def time_remote(client, request: dict, server: ServerProcess) -> dict:
+    """Wall time as the client sees it; CPU time of the client and the server together."""
     from gem3d.remote import run_job
 
-    t0 = time.perf_counter()
+    t0, c0, s0 = time.perf_counter(), time.process_time(), server.cpu_seconds()
     marks = {}
 
     def note(event):
@@ -179,7 +187,8 @@ def time_remote(client, request: dict) -> dict:
 
     end, _ = run_job(client, request, on_event=note)
     assert end["event"] == "finished", end
-    return {"total_s": time.perf_counter() - t0, **marks}
+    return {"total_s": time.perf_counter() - t0, **marks,
+            "cpu_s": time.process_time() - c0 + server.cpu_seconds() - s0}
 
 
 def machine() -> dict:
@@ -206,15 +215,22 @@ def main(argv=None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=3)
     parser.add_argument("--load-steps", type=int, default=5, help="sampler steps of each load-test job")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads, here and in the server (default: torch's); 1 on a shared machine")
     parser.add_argument("--smoke", action="store_true", help="1 repeat, 2 clients x 2 jobs, 1 step")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     args = parser.parse_args(argv)
     if args.smoke:
         args.repeats, args.clients, args.jobs, args.load_steps = 1, 2, 2, 1
+    import torch
+
     from gem3d import phantom
     from gem3d.commands.generate import default_bundle
     from gem3d.engine import Engine
     from gem3d.remote import RemoteClient
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     bundle = default_bundle()
     work = Path(tempfile.mkdtemp(prefix="gem3d-remote-bench-"))
@@ -224,27 +240,32 @@ def main(argv=None) -> int:
                           slices=2 * engine.bundle.window_length + 8, seed=0)
     reference, mask = data / "imagesTr" / "brain_000_0000.nii.gz", data / "labelsTr" / "brain_000.nii.gz"
     demo_steps = 1 if args.smoke else None
-    server = ServerProcess([bundle], "--max-jobs-per-client", str(max(args.jobs, 1)), device=args.device)
+    load_average = {"start": os.getloadavg()[0]}
+    server = ServerProcess([bundle], "--max-jobs-per-client", str(max(args.jobs, 1)), device=args.device,
+                           env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
     try:
         client = RemoteClient(server.url)
         time_local(engine, demo_request(reference, mask, work / "warm_local.nii.gz", 1))  # first-call costs
-        time_remote(client, demo_request(reference, mask, work / "warm_remote.nii.gz", 1))
+        time_remote(client, demo_request(reference, mask, work / "warm_remote.nii.gz", 1), server)
         local, remote = [], []
         for r in range(args.repeats):  # alternate, so that drift hits both alike
             local.append(time_local(engine, demo_request(reference, mask, work / f"local{r}.nii.gz", demo_steps)))
-            remote.append(time_remote(client, demo_request(reference, mask, work / f"remote{r}.nii.gz", demo_steps)))
+            remote.append(time_remote(client, demo_request(reference, mask, work / f"remote{r}.nii.gz", demo_steps), server))
         equal = bool(np.array_equal(*(read(work / f"{k}0.nii.gz") for k in ("local", "remote"))))
         load = load_test(server.url, None, lambda c, j: dict(
             demo_request(reference, mask, work / f"load_{c}_{j}.nii.gz", args.load_steps), job_id=f"c{c}j{j}"),
             args.clients, args.jobs)
     finally:
         server.stop()
-    med = {name: {k: statistics.median(run[k] for run in runs) for k in ("total_s", "first_window_s")}
+    load_average["end"] = os.getloadavg()[0]
+    med = {name: {k: statistics.median(run[k] for run in runs) for k in ("total_s", "first_window_s", "cpu_s")}
            for name, runs in (("local", local), ("remote", remote))}
-    report = {"machine": machine(), "device": args.device, "bundle": bundle.name, "repeats": args.repeats,
+    report = {"machine": machine(), "device": args.device, "threads": torch.get_num_threads(), "bundle": bundle.name, "repeats": args.repeats,
               "demo_steps": demo_steps or engine.bundle.info["sampler"]["steps"],
               "local": local, "remote": remote, "median": med,
               "ratio_remote_over_local": med["remote"]["total_s"] / med["local"]["total_s"],
+              "cpu_ratio_remote_over_local": med["remote"]["cpu_s"] / med["local"]["cpu_s"],
+              "load_average_1min": load_average,
               "remote_output_equals_local": equal, "load": load}
     name = "remote_smoke" if args.smoke else f"remote_{args.device.replace(':', '')}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,13 +285,17 @@ def read(path: Path) -> np.ndarray:
 def render(report: dict) -> str:
     m, med, load = report["machine"], report["median"], report["load"]
     lines = [f"# gem3d serve: remote vs local ({report['device']}; {m['cpu']}, {m['cores']} cores"
-             f"{', ' + m['gpu'] if m['gpu'] else ''})", "",
+             f"{', ' + m['gpu'] if m['gpu'] else ''}; {report['threads']} torch thread(s) per process)", "",
              f"Demo job ({report['bundle']}, {report['demo_steps']} steps), median of {report['repeats']}:", "",
-             "| path | total s | first window s |", "| --- | --- | --- |"]
+             "| path | total s | first window s | CPU s (client + server) |", "| --- | --- | --- | --- |"]
     for name in ("local", "remote"):
-        lines.append(f"| {name} | {med[name]['total_s']:.2f} | {med[name]['first_window_s']:.2f} |")
-    lines += ["", f"Remote / local: **{report['ratio_remote_over_local']:.2f}x**; remote output identical to "
-                  f"local: {report['remote_output_equals_local']}.", "",
+        lines.append(f"| {name} | {med[name]['total_s']:.2f} | {med[name]['first_window_s']:.2f} | "
+                     f"{med[name]['cpu_s']:.2f} |")
+    lines += ["", f"Remote / local: **{report['ratio_remote_over_local']:.2f}x** wall time, "
+                  f"**{report['cpu_ratio_remote_over_local']:.2f}x** CPU time; remote output identical to "
+                  f"local: {report['remote_output_equals_local']}. 1-min load average "
+                  f"{report['load_average_1min']['start']:.1f} at the start, "
+                  f"{report['load_average_1min']['end']:.1f} at the end.", "",
               f"Load: {load['clients']} clients x {load['jobs_per_client']} jobs at once, one device queue:", "",
               "| jobs | finished | windows exact | first window p50 s | p95 s | job p50 s | p95 s | jobs/min |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -9,6 +9,7 @@ they end; until then their results can be downloaded.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import secrets
 import shutil
@@ -56,6 +57,8 @@ class Job:
         event = dict(event, job_id=self.id)
         slab = event.pop("slab", None)
         kind = event["event"]
+        if "message" in event:  # the client knows its files as reference, mask...: no server paths
+            event["message"] = str(event["message"]).replace(f"{self.folder}{os.sep}", "")
         if kind == "finished":
             self.outputs = {name: Path(path) for name, path in event.get("outputs", {}).items()}
             event["outputs"] = {name: f"/v1/jobs/{self.id}/outputs/{name}" for name in self.outputs}

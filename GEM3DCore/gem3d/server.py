@@ -14,9 +14,9 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import anyio
 import numpy as np
@@ -44,18 +44,18 @@ class HTTPError(Exception):
 
 @dataclass
 class Settings:
-    """What the server was started with (the `gem3d serve` options)."""
+    """What the server was started with (the `gem3d serve` options, which hold the defaults)."""
 
     bundles: Dict[str, Path]
     devices: List[str]
     work_dir: Path
-    token: Optional[str] = None
-    data_root: Optional[Path] = None
-    max_upload_bytes: int = 1 << 30
-    max_jobs_per_client: int = 4
-    max_queued: int = 64
-    keep_s: float = 3600.0
-    cors_origins: List[str] = field(default_factory=list)
+    token: Optional[str]
+    data_root: Optional[Path]
+    max_upload_bytes: int
+    max_jobs_per_client: int
+    max_queued: int
+    keep_s: float
+    cors_origins: List[str]
 
 
 def token_matches(given: str, expected: str) -> bool:
@@ -95,9 +95,9 @@ class Server:
         host = request.client.host if request.client else "?"
         return f"{host}/{request.headers.get('x-gem3d-client', '')[:64]}"
 
-    def job_request(self, data, job_id: str, folder: Path) -> GenerateRequest:
-        """A remote request as the engine's: inputs from uploads or the data root, outputs in the job's
-        folder, the bundle by name. (The stdio worker takes paths as they are; here none is trusted.)"""
+    def job_request(self, data, job_id: str, folder: Path) -> Tuple[GenerateRequest, str]:
+        """A remote request as the engine's, and its bundle's name: inputs from uploads or the data root,
+        outputs in the job's folder. (The stdio worker takes paths as they are; here none is trusted.)"""
         if not isinstance(data, dict):
             raise RequestError(f"a request is a JSON object, got {type(data).__name__}")
         data = dict(data)
@@ -123,7 +123,7 @@ class Server:
         request = GenerateRequest.from_dict(dict(
             data, job_id=job_id, bundle=str(self.settings.bundles[bundle]), device=device,
             out=str(folder / f"synthetic{ext}"), mask_out=str(folder / f"synthetic_mask{ext}") if mask_out else None))
-        return request
+        return request, bundle
 
     def input_path(self, value, role: str, folder: Path) -> str:
         if not isinstance(value, str):
@@ -233,12 +233,11 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
             raise HTTPError(429, str(err))
         job_id, folder = store.new_job_folder()
         try:
-            generate = server.job_request(data, job_id, folder)
+            generate, bundle = server.job_request(data, job_id, folder)
         except (RequestError, ValueError, TypeError) as err:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPError(400, str(err))
         queue = store.pick_device(generate.device)
-        bundle = next(name for name, path in settings.bundles.items() if str(path) == generate.bundle)
         job = Job(job_id, client, queue.device, bundle, generate, folder)
         position = store.submit(job)
         return {"job_id": job_id, "device": queue.device, "position": position,
