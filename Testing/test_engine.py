@@ -9,7 +9,8 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 
 from gem3d.cli import main
-from gem3d.engine import Engine, provenance_path
+from gem3d.engine import Engine
+from gem3d.io import provenance_path
 from gem3d.io import read_description, read_volume, write_volume
 from gem3d.request import GenerateRequest, InformedSpec
 from gem3d.volume import Geometry, Volume

@@ -225,14 +225,14 @@ def main(argv=None) -> int:
     import torch
 
     from gem3d import phantom
-    from gem3d.commands.generate import default_bundle
+    from gem3d.bundle_format import DEMO_BUNDLE
     from gem3d.engine import Engine
     from gem3d.remote import RemoteClient
 
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    bundle = default_bundle()
+    bundle = DEMO_BUNDLE
     work = Path(tempfile.mkdtemp(prefix="gem3d-remote-bench-"))
     engine = Engine(bundle, args.device)
     data = work / "phantom"

@@ -120,7 +120,7 @@ def pending(jobs: List[Job], out_dir: Path, rank: int = 0, world_size: int = 1,
 
 def _own_leftovers(job: Job) -> bool:
     """Every existing file of an unfinished job is a synthetic output of gem3d (safe to redo)."""
-    from gem3d.engine import provenance_path
+    from gem3d.io import provenance_path
 
     for path in (Path(job.request.out), Path(job.request.mask_out)):
         try:
@@ -137,7 +137,7 @@ def _own_leftovers(job: Job) -> bool:
 
 def run_jobs(engine, jobs: List[Job], out_dir: Path) -> Iterator[tuple]:
     """Run jobs one by one; yields (job, finished-or-error event). Provenance moves to provenance/."""
-    from gem3d.engine import provenance_path
+    from gem3d.io import provenance_path
 
     for folder in ("imagesTr", "labelsTr", "provenance"):
         (out_dir / folder).mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 
 from gem3d.bundle import Bundle, load_bundle
-from gem3d.io import extension, write_volume
+from gem3d.io import provenance_path, write_volume
 from gem3d.outputs import write_text_atomically
 from gem3d.pipeline import SYNTHETIC_DESCRIPTION, SYNTHETIC_MASK, Generated, Pipeline
 from gem3d.preflight import check_request_outputs, read_input
@@ -40,11 +40,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise RequestError(f"device {device!r} asked for, but torch sees no CUDA GPU")
     return torch.device(device)
-
-
-def provenance_path(out: Union[str, Path]) -> Path:
-    out = Path(out)
-    return out.with_name(out.name[: -len(extension(out))] + ".provenance.json")
 
 
 class Engine:

@@ -13,7 +13,7 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -36,6 +36,12 @@ def extension(path) -> str:
     """The lower-case format extension of `path` (".nii.gz", ".seg.nrrd" counts as ".nrrd")."""
     name = Path(path).name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+
+
+def provenance_path(out: Union[str, Path]) -> Path:
+    """Where an output's provenance JSON goes: beside it, ``<name>.provenance.json``."""
+    out = Path(out)
+    return out.with_name(out.name[: -len(extension(out))] + ".provenance.json")
 
 
 def read_volume(path, channel: Optional[int] = None) -> Volume:

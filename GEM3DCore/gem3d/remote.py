@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from gem3d.event_frames import StreamError, read_event
-from gem3d.io import extension
+from gem3d.io import extension, provenance_path
 
 TERMINAL_EVENTS = ("finished", "cancelled", "error")
 SERVER_PREFIX = "server:"  # an input already on the server, under its --data-root
@@ -53,11 +53,6 @@ class _Job:
         self.cancel_requested = False
         self.last_seq = -1
         self.response: Optional[http.client.HTTPResponse] = None
-
-
-def provenance_file(out: str) -> str:
-    """Where gem3d writes an output's provenance: beside it, `<name>.provenance.json`."""
-    return out[: len(out) - len(extension(out))] + ".provenance.json"
 
 
 class RemoteClient:
@@ -114,7 +109,7 @@ class RemoteClient:
         with self._lock:
             jobs = list(self._jobs.values())
         for job in jobs:
-            self._end(job, {"event": "cancelled", "message": f"The connection to the GEM-3D server was closed."})
+            self._end(job, {"event": "cancelled", "message": "The connection to the GEM-3D server was closed."})
         self._closed = True
 
     def send(self, message: dict) -> None:
@@ -397,7 +392,7 @@ class RemoteClient:
     def _download_outputs(self, job: _Job, outputs: Dict[str, str]) -> Dict[str, str]:
         request = job.request
         targets = {"image": request["out"], "mask": request.get("mask_out"),
-                   "provenance": provenance_file(request["out"])}
+                   "provenance": str(provenance_path(request["out"]))}
         local = {}
         for name, url in outputs.items():
             target = targets.get(name)

@@ -74,9 +74,9 @@ def serve(bundles, host, port, token_file, devices, data_root, work_dir, max_upl
     if not device_list or len(set(device_list)) != len(device_list):
         raise click.ClickException(f"--devices must list distinct devices, got {devices!r}")
     if not bundles:
-        from gem3d.commands.generate import default_bundle
+        from gem3d.bundle_format import DEMO_BUNDLE
 
-        bundles = (str(default_bundle()),)
+        bundles = (str(DEMO_BUNDLE),)
     from gem3d.server import Settings
 
     work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="gem3d-serve-"))
