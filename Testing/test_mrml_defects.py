@@ -54,7 +54,7 @@ def test_an_unchanged_edit_keeps_a_transformed_segmentation_in_place(headless, p
     edema = segmentation.GetSegmentation().GetSegmentIdBySegmentName("edema")
     before = lesion_world_centroid(segmentation, edema, reference)
     for _ in range(2):  # read -> write round trips
-        nodes.set_segment_array(nodes.segment_array(segmentation, edema, reference), segmentation, edema, reference)
+        nodes.set_segment_arrays({edema: nodes.segment_array(segmentation, edema, reference)}, segmentation, reference)
     after = lesion_world_centroid(segmentation, edema, reference)
     np.testing.assert_allclose(after, before, atol=0.5)
 
@@ -66,13 +66,16 @@ def test_edits_keep_label_values_and_layers(headless, phantom_reference, brats_s
     values = {seg.GetNthSegment(i).GetName(): seg.GetNthSegment(i).GetLabelValue()
               for i in range(seg.GetNumberOfSegments())}
     layers = seg.GetNumberOfLayers()
-    edema = seg.GetSegmentIdBySegmentName("edema")
-    array = nodes.segment_array(segmentation, edema, reference)
-    nodes.set_segment_array(np.roll(array, 1, axis=2), segmentation, edema, reference)
-    assert {seg.GetNthSegment(i).GetName(): seg.GetNthSegment(i).GetLabelValue()
-            for i in range(seg.GetNumberOfSegments())} == values
-    assert seg.GetNumberOfLayers() == layers
-    np.testing.assert_array_equal(nodes.segment_array(segmentation, edema, reference), np.roll(array, 1, axis=2))
+    ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
+    before = {i: nodes.segment_array(segmentation, i, reference) for i in ids}
+    moved = {i: np.roll(a, 3, axis=2) for i, a in before.items()}  # the lesion moved as one
+    for arrays in (moved, before):  # the edit, then its undo
+        nodes.set_segment_arrays(arrays, segmentation, reference)
+        assert {seg.GetNthSegment(i).GetName(): seg.GetNthSegment(i).GetLabelValue()
+                for i in range(seg.GetNumberOfSegments())} == values
+        assert seg.GetNumberOfLayers() == layers
+        for i in ids:
+            np.testing.assert_array_equal(nodes.segment_array(segmentation, i, reference), arrays[i])
 
 
 def test_exports_do_not_use_exportNode_and_check_every_write(headless, phantom_reference, tmp_path):

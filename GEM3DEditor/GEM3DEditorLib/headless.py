@@ -32,6 +32,7 @@ class HeadlessSlicer:
         self.color_logic = slicer.vtkMRMLColorLogic()
         self.color_logic.SetMRMLApplicationLogic(self.application_logic)
         self.color_logic.SetMRMLScene(self.scene)
+        self.application_logic.SetModuleLogic("Colors", self.color_logic)
         self.volumes_logic = slicer.vtkSlicerVolumesLogic()
         self.volumes_logic.SetMRMLApplicationLogic(self.application_logic)
         self.volumes_logic.SetMRMLScene(self.scene)

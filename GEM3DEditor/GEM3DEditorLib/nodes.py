@@ -8,6 +8,7 @@ mutable `properties={}` default that remembers the last file format (Slicer 5.8-
 Arrays are (k, j, i), as slicer.util.arrayFromVolume gives them.
 """
 import os
+from typing import Dict
 
 import numpy as np
 import slicer
@@ -100,21 +101,30 @@ def segment_array(segmentation_node, segment_id: str, reference_node) -> np.ndar
     return array
 
 
-def set_segment_array(array: np.ndarray, segmentation_node, segment_id: str, reference_node) -> None:
-    """Write a binary array on the reference's grid back into a segment (today's path:
-    slicer.util.updateSegmentBinaryLabelmapFromArray)."""
-    scene = segmentation_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gem3d_segment__")
-    try:
-        labelmap.CopyOrientation(reference_node)
-        labelmap.SetAndObserveImageData(image_data_from_array((np.asarray(array) > 0).astype(np.uint8)))
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segment_id)
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
-                labelmap, segmentation_node, ids):
+def set_segment_arrays(arrays: Dict[str, np.ndarray], segmentation_node, reference_node) -> None:
+    """Write binary arrays on the reference's grid back into segments ({segment ID: array}), in the
+    segmentation's own frame (the inverse of the parent transforms segment_array read through), each
+    into its own layer: label values and layers stay as they were. The segments written together may
+    take each other's old voxels (a lesion moved as one); other segments are never overwritten.
+
+    slicer.util.updateSegmentBinaryLabelmapFromArray does neither: it applies the transform the
+    wrong way and moves the segment into a new layer with label value 1."""
+    segmentation_from_reference = vtk.vtkGeneralTransform()
+    transformed = reference_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+        reference_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(),
+        segmentation_from_reference)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    for segment_id, array in arrays.items():
+        image = slicer.vtkOrientedImageData()
+        image_data_from_array((np.asarray(array) > 0).astype(np.uint8), image)
+        image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference_node)))
+        if transformed:
+            slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, segmentation_from_reference)
+        others = [other for other in arrays if other != segment_id]
+        if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE,
+                                                image.GetExtent(), False, others):
             raise ValueError(f"cannot write segment {segment_id!r} of {segmentation_node.GetName()}")
-    finally:
-        _remove_with_display(scene, labelmap)
 
 
 def _remove_with_display(scene, node) -> None:

@@ -9,6 +9,7 @@ import slicer
 from .export import synthetic_description
 from .sink import ArraySink
 
+CT_WINDOW = (40.0 - 200.0, 40.0 + 200.0)  # HU: soft-tissue window 400, level 40
 GEM3D_ATTRIBUTES = ("GEM3D.Image", "GEM3D.Mask", "GEM3D.Provenance", "GEM3D.Modality", "GEM3D.ReferenceFile",
                     "GEM3D.Slicer")
 
@@ -43,6 +44,30 @@ class OutputStream:
         self.node = output_node
         self.modality = (modality or "").lower()
         self.sink = ArraySink(slicer.util.arrayFromVolume(output_node))
+        self.range = None  # (low, high) shown so far
+
+    def show_range(self, slab: np.ndarray) -> None:
+        """Window/level from the data that has arrived, widened as windows come (the display node's
+        auto window/level was computed from the zero-filled node and is never recomputed).
+        CT gets the abdominal soft-tissue preset (W 400, L 40 HU) at once."""
+        display = self.node.GetDisplayNode()
+        if display is None:
+            return
+        if self.modality == "ct":
+            low, high = CT_WINDOW
+        else:
+            finite = slab[np.isfinite(slab)]
+            if finite.size == 0:
+                return
+            low, high = (float(v) for v in np.percentile(finite, [0.5, 99.5]))
+            if self.range is not None:
+                low, high = min(low, self.range[0]), max(high, self.range[1])
+            if high <= low:
+                high = low + 1.0
+        if self.range != (low, high):
+            self.range = (low, high)
+            display.AutoWindowLevelOff()
+            display.SetWindowLevelMinMax(low, high)
 
     def started(self, event: dict) -> None:
         self.sink.check_started(event["shape"], event["axis"])
@@ -52,8 +77,9 @@ class OutputStream:
         if scene is None or not scene.IsNodePresent(self.node):
             raise ValueError("The output volume was deleted; the generation is stopped.")
         self.sink.array = slicer.util.arrayFromVolume(self.node)  # the node's current voxel buffer
-        self.sink.apply_event(event)
+        slab = self.sink.apply_event(event)
         slicer.util.arrayFromVolumeModified(self.node)
+        self.show_range(slab)
 
     def replace(self, array: np.ndarray) -> None:
         """The final image (read from the engine's output file) replaces the streamed preview."""
@@ -62,3 +88,4 @@ class OutputStream:
             raise ValueError(f"the engine's output has shape {array.shape}, the output volume {voxels.shape}")
         voxels[:] = array
         slicer.util.arrayFromVolumeModified(self.node)
+        self.show_range(np.asarray(array))
