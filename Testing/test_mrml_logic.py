@@ -14,7 +14,7 @@ from mrml_fixtures import (ROOT, brats_segmentation, headless, lesion_world_cent
 slicer = pytest.importorskip("slicer", reason="slicer-core is in the test extra")
 
 from GEM3DEditorLib import bundle_info, geometry, label_matching, nodes, slice_views  # noqa: E402
-from GEM3DEditorLib.logic import GEM3DEditorLogic, first_scalar_volume  # noqa: E402
+from GEM3DEditorLib.logic import EditorLogic, first_scalar_volume  # noqa: E402
 from GEM3DEditorLib.settings import EngineSettings, GenerateSettings  # noqa: E402
 
 DEMO_BUNDLE = ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle"
@@ -73,10 +73,10 @@ def test_segmentation_from_seg_nrrd_composes_the_labels(headless, phantom_case, 
     write_segmentation(labels, path, [{"name": "necrotic core", "label_value": 1}, {"name": "oedema", "label_value": 2},
                                       {"name": "enhancing tumour", "label_value": 4}])
     segmentation = nodes.load_segmentation(headless.scene, str(path))
-    matches, unmatched = label_matching.match_segments(GEM3DEditorLogic.segment_infos(segmentation),
+    matches, unmatched = label_matching.match_segments(EditorLogic.segment_infos(segmentation),
                                                        bundle_info.read_bundle_info(str(DEMO_BUNDLE)).label_map)
     assert not unmatched
-    mask = GEM3DEditorLogic.compose_mask(segmentation, reference, {m.segment_id: m.label for m in matches})
+    mask = EditorLogic.compose_mask(segmentation, reference, {m.segment_id: m.label for m in matches})
     np.testing.assert_array_equal(mask, np.asarray(labels.array))
 
 
@@ -84,12 +84,12 @@ def test_the_mask_of_a_transformed_segmentation_is_where_the_segmentation_is_sho
         headless, phantom_case, phantom_reference, brats_segmentation):
     reference = phantom_reference()
     segmentation = brats_segmentation(reference)
-    ids = {s.name: s.segment_id for s in GEM3DEditorLogic.segment_infos(segmentation)}
-    plain = GEM3DEditorLogic.compose_mask(segmentation, reference, {ids["edema"]: 2})
+    ids = {s.name: s.segment_id for s in EditorLogic.segment_infos(segmentation)}
+    plain = EditorLogic.compose_mask(segmentation, reference, {ids["edema"]: 2})
     spacing_i = np.linalg.norm(nodes.ijk_to_ras(reference)[:3, 0])
     direction_i = nodes.ijk_to_ras(reference)[:3, 0] / spacing_i
     segmentation.SetAndObserveTransformNodeID(translation(headless, direction_i * 2 * spacing_i).GetID())
-    moved = GEM3DEditorLogic.compose_mask(segmentation, reference, {ids["edema"]: 2})
+    moved = EditorLogic.compose_mask(segmentation, reference, {ids["edema"]: 2})
     np.testing.assert_array_equal(moved[:, :, 2:], plain[:, :, :-2])  # two voxels along i
 
 
@@ -99,7 +99,7 @@ def test_edits_and_undo_on_a_transformed_segmentation(headless, phantom_referenc
     reference = phantom_reference()
     segmentation = brats_segmentation(reference)
     segmentation.SetAndObserveTransformNodeID(translation(headless, [10.0, 0.0, 0.0]).GetID())
-    logic = GEM3DEditorLogic(headless.scene, headless.volumes_logic, str(tmp_path))
+    logic = EditorLogic(headless.scene, headless.volumes_logic, str(tmp_path))
     seg = segmentation.GetSegmentation()
     ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
     values = [seg.GetSegment(i).GetLabelValue() for i in ids]
@@ -125,7 +125,7 @@ def test_a_real_worker_streams_the_demo_bundle_into_a_volume_node_and_exports(
 
     reference = phantom_reference(oblique_geometry((1.0, 1.0, 2.0)))
     segmentation = brats_segmentation(reference)
-    logic = GEM3DEditorLogic(headless.scene, headless.volumes_logic, str(tmp_path / "work"),
+    logic = EditorLogic(headless.scene, headless.volumes_logic, str(tmp_path / "work"),
                              gem3d_root=str(ROOT / "GEM3DCore"))
     (tmp_path / "work").mkdir()
     matches, _ = label_matching.match_segments(logic.segment_infos(segmentation),
@@ -167,8 +167,8 @@ def test_a_real_worker_streams_the_demo_bundle_into_a_volume_node_and_exports(
     np.testing.assert_allclose(sitk.GetArrayFromImage(image), voxels, atol=1e-5)
     labels, _segments = read_segmentation(paths["segmentation"])
     exported = nodes.load_segmentation(headless.scene, paths["segmentation"])
-    composed = GEM3DEditorLogic.compose_mask(
+    composed = EditorLogic.compose_mask(
         exported, reference, {s.segment_id: s.label_value for s in logic.segment_infos(exported)})
-    mask = GEM3DEditorLogic.compose_mask(segmentation, reference, {m.segment_id: m.label for m in matches})
+    mask = EditorLogic.compose_mask(segmentation, reference, {m.segment_id: m.label for m in matches})
     np.testing.assert_array_equal(composed, mask)
     np.testing.assert_array_equal(np.asarray(labels.array), mask)

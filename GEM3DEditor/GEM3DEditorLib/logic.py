@@ -35,7 +35,7 @@ def first_scalar_volume(scene):
     return None
 
 
-class GEM3DEditorLogic:
+class EditorLogic:
     """Owns the one generation and the one batch run that may be going on, and the mask history."""
 
     def __init__(self, scene, volumes_logic, work_folder: str, gem3d_root: Optional[str] = None,
@@ -54,6 +54,16 @@ class GEM3DEditorLogic:
         self._stream: Optional[output.OutputStream] = None
         self._job_record: dict = {}
         self.last_output_node = None
+        self._reported: set = set()
+
+    def take_errors(self) -> List[str]:
+        """The error messages of jobs that ended with one, each returned once (to show a dialog)."""
+        errors = []
+        for state in (self.job, self.batch):
+            if state is not None and state.error and (state.job_id, state.error) not in self._reported:
+                self._reported.add((state.job_id, state.error))
+                errors.append(state.error)
+        return errors
 
     # ------------------------------------------------------------------ engine
     @staticmethod
@@ -273,6 +283,13 @@ class GEM3DEditorLogic:
             self.engine = None
 
     # ------------------------------------------------------------------ export
+    def exportable(self, selected=None):
+        """The volume Export writes: the selected output volume if it was generated here, else the last one."""
+        for node in (selected, self.last_output_node):
+            if node is not None and self.scene.IsNodePresent(node) and node.GetAttribute("GEM3D.Image"):
+                return node
+        return None
+
     def export_case(self, output_node, folder: str, image_format: str = "nii.gz", dicom: bool = False,
                     patient_name: str = export.DEFAULT_PATIENT_NAME) -> Dict[str, Optional[str]]:
         """Write the engine's output for this node (volume, segmentation, provenance, optionally DICOM)."""
