@@ -24,8 +24,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 # import name -> pip requirement (same bounds as pyproject.toml)
 REQUIREMENTS: Dict[str, str] = {
     "torch": "torch>=2.1,<3",
-    "numpy": "numpy>=1.24,<3",
-    "scipy": "scipy>=1.10,<2",
+    "numpy": "numpy>=1.26,<3",
+    "scipy": "scipy>=1.13,<2",
     "SimpleITK": "SimpleITK>=2.3,<3",
     "slicerio": "slicerio>=1.0,<2",
     "nrrd": "pynrrd>=1.0,<2",
