@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from gem3d.config import DiffusionConfig
+from gem3d.sampler_settings import PRESETS
 from gem3d.sampling import (
-    PRESETS,
     Cancelled,
     make_scheduler,
     make_training_scheduler,

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union, get_type_hints
 
-import yaml
-
 
 @dataclass
 class DataConfig:
@@ -82,14 +80,14 @@ class SliceModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Noise schedule (LDM "linear" = diffusers "scaled_linear") and sampling defaults."""
+    """Noise schedule (LDM "linear" = diffusers "scaled_linear"), and the step count of a sampler
+    named without steps (the default sampler is `gem3d.sampler_settings`')."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
-    sampler: str = "ddim"
     sampling_steps: int = 200
 
 
@@ -251,9 +249,21 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def from_dict(data: dict) -> Config:
-    """Strict inverse of `to_dict`; a top-level `preset` key starts from that preset."""
+LEGACY_KEYS = (("diffusion", "sampler"),)  # written by older gem3d, never used to choose anything
+
+
+def _drop_legacy(data: dict) -> dict:
     data = dict(data)
+    for section, key in LEGACY_KEYS:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section] = {k: v for k, v in data[section].items() if k != key}
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    """Strict inverse of `to_dict`; a top-level `preset` key starts from that preset; the
+    `LEGACY_KEYS` of older bundles are dropped."""
+    data = _drop_legacy(data)
     if "preset" in data:
         data = _merge(to_dict(preset(data.pop("preset"))), data)
     return _build(Config, data)
@@ -266,6 +276,8 @@ def load_config(path_or_preset: Union[str, Path]) -> Config:
     path = Path(path_or_preset)
     if not path.is_file():
         raise ValueError(f"{path}: not a config file nor a preset ({sorted(PRESETS)})")
+    import yaml  # not needed to read bundles (the editor reads them without PyYAML)
+
     text = path.read_text()
     data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     try:
@@ -275,6 +287,8 @@ def load_config(path_or_preset: Union[str, Path]) -> Config:
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    import yaml
+
     path = Path(path)
     data = to_dict(cfg)
     path.write_text(json.dumps(data, indent=2) if path.suffix == ".json"

@@ -30,15 +30,15 @@ import torch
 import gem3d
 from gem3d.body import with_outside_label
 from gem3d.bundle import Bundle, load_bundle
-from gem3d.grid import ModelGrid
-from gem3d.informed import (InformedSlice, from_reference, from_scan, generate_latent, model_index,
-                            position_index)
+from gem3d.grid import ModelGrid, position_slice, slice_position
+from gem3d.informed import InformedSlice, from_reference, from_scan, generate_latent, model_index
 from gem3d.intensity import make_normaliser
 from gem3d.io import extension, read_volume, write_volume
 from gem3d.mask_edits import apply_edits, paper_augmentation
 from gem3d.models import decode_latents, encode_masks, encode_slices, volume_condition
 from gem3d.request import GenerateRequest, RequestError
-from gem3d.sampling import Cancelled, plan_windows, propagate, resolve_sampler, scheduler_factory
+from gem3d.sampler_settings import resolve_sampler
+from gem3d.sampling import Cancelled, plan_windows, propagate, scheduler_factory
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.engine")
@@ -111,7 +111,7 @@ class Engine:
         t0 = time.perf_counter()
         timings: Dict[str, float] = {}
         out = Path(request.out)
-        _check_output(out, request)
+        _check_output(request)
         rng = np.random.default_rng(request.seed)
         prepared = self._prepare(request, rng)
         grid, n = prepared.grid, self.bundle.window_length
@@ -166,7 +166,7 @@ class Engine:
         if not np.allclose(mask.array, np.round(mask.array)):
             raise RequestError(f"{request.mask}: the mask holds non-integer values; give a label volume")
         mask = Volume(np.round(mask.array).astype(np.int16), mask.geometry)
-        if mask.shape != reference.shape or not mask.geometry.allclose(reference.geometry):
+        if not mask.same_grid(reference):
             log.warning("mask %s is on another grid than the reference; resampling it (nearest)", request.mask)
             mask = _resample_labels(mask, reference)
         label_map = self.bundle.label_map
@@ -197,9 +197,9 @@ class Engine:
         centre = min(math.floor(start * Z), Z - n) + n // 2
         if spec.source == "same":
             if picked is None:
-                picked = position_index(spec.position, Z) if spec.position is not None else centre
+                picked = position_slice(spec.position, Z) if spec.position is not None else centre
             return start, from_reference(prepared.image, grid, picked)
-        position = centre / max(Z - 1, 1)
+        position = slice_position(centre, Z)
         if spec.source in ("other", "fixed"):
             return start, from_scan(spec.scan, spec, position, self.bundle.slice_size, self.normaliser)
         if spec.position is not None:
@@ -216,7 +216,7 @@ class Engine:
         position = informed.record["position"]
         cond = None
         if self.cfg.slice_model.mask_conditioned:
-            cond = mask_latents[position_index(position, mask_latents.shape[0])][None]
+            cond = mask_latents[position_slice(position, mask_latents.shape[0])][None]
         shape = (self.cfg.vae.latent_channels,) + tuple(mask_latents.shape[-2:])
         return generate_latent(self.bundle.slice_model, position, shape, factory, generator, cond, cancel).float()
 
@@ -265,14 +265,11 @@ class Engine:
         return outputs
 
 
-def _check_output(out: Path, request: GenerateRequest) -> None:
-    for source in (request.reference, request.mask, request.informed.scan):
-        if source and Path(source).resolve() == out.resolve():
-            raise RequestError(f"the output {out} would overwrite an input scan; choose another path")
-    if out.exists() and not request.overwrite:
-        raise RequestError(f"{out} exists; choose another output path or allow overwriting")
-    if not out.parent.is_dir():
-        raise RequestError(f"the output folder {out.parent} does not exist")
+def _check_output(request: GenerateRequest) -> None:
+    """The request's file rules (`GenerateRequest.path_problems`), before any model work."""
+    problems = request.path_problems()
+    if problems:
+        raise RequestError("; ".join(problems))
 
 
 def _resample_labels(mask: Volume, reference: Volume) -> Volume:

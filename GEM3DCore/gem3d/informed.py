@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from gem3d.grid import ModelGrid
+from gem3d.grid import ModelGrid, position_slice, slice_position
 from gem3d.intensity import Normaliser
 from gem3d.io import read_volume
 from gem3d.request import InformedSpec, RequestError
@@ -33,18 +33,10 @@ class InformedSlice:
 
 def model_index(grid: ModelGrid, reference_index: int) -> int:
     """A scan's own index along its slice axis -> the model-grid slice index."""
-    if not 0 <= reference_index < grid.n_slices:
-        raise RequestError(f"informed slice {reference_index} is outside the scan's "
-                           f"{grid.n_slices} slices (0..{grid.n_slices - 1})")
-    return grid.n_slices - 1 - reference_index if grid.flipped else reference_index
-
-
-def reference_index(grid: ModelGrid, model_z: int) -> int:
-    return grid.n_slices - 1 - model_z if grid.flipped else model_z
-
-
-def position_index(position: float, n_slices: int) -> int:
-    return int(round(float(position) * (n_slices - 1)))
+    try:
+        return grid.axial.model_index(reference_index)
+    except ValueError as err:
+        raise RequestError(f"informed {err}") from None
 
 
 def from_scan(path: str, spec: InformedSpec, position: float, size: int,
@@ -53,18 +45,19 @@ def from_scan(path: str, spec: InformedSpec, position: float, size: int,
     scan = read_volume(path)
     grid = ModelGrid.fit(scan.geometry, scan.shape, size)
     z = model_index(grid, int(spec.slice)) if spec.slice is not None else \
-        position_index(spec.position if spec.position is not None else position, grid.n_slices)
+        position_slice(spec.position if spec.position is not None else position, grid.n_slices)
     params = normaliser.fit(scan.array)
     image = grid.to_model(normaliser.forward(scan.array, params), "image", pad_value=-1.0)[z]
-    return InformedSlice(image, None, {"source": spec.source, "scan": str(path), "model_index": z,
-                                       "scan_index": reference_index(grid, z),
-                                       "position": z / max(grid.n_slices - 1, 1)})
+    return InformedSlice(image, None, {"source": spec.source, "scan": str(path), **_where(grid, z)})
 
 
 def from_reference(image_m: np.ndarray, grid: ModelGrid, z: int) -> InformedSlice:
-    return InformedSlice(image_m[z], None, {"source": "same", "model_index": z,
-                                            "scan_index": reference_index(grid, z),
-                                            "position": z / max(grid.n_slices - 1, 1)})
+    return InformedSlice(image_m[z], None, {"source": "same", **_where(grid, z)})
+
+
+def _where(grid: ModelGrid, z: int) -> dict:
+    return {"model_index": z, "scan_index": grid.axial.reference_index(z),
+            "position": slice_position(z, grid.n_slices)}
 
 
 @torch.no_grad()

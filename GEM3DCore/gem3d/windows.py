@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from gem3d.grid import ModelGrid
+from gem3d.grid import ModelGrid, slice_position
 from gem3d.intensity import Normaliser
 from gem3d.volume import Volume
 
@@ -66,7 +66,7 @@ def prepare_case(image: Volume, mask: Volume, size: int, normaliser: Normaliser,
                  label_map: Optional[Mapping[int, int]] = None, case_id: str = "case") -> PreparedCase:
     """Put an image and its mask on the model grid; the image is normalised before resampling
     and padded with -1 (the normalised floor, i.e. background)."""
-    if image.shape != mask.shape or not image.geometry.allclose(mask.geometry):
+    if not image.same_grid(mask):
         raise ValueError(f"case {case_id}: mask grid ({mask.shape}, {mask.geometry.describe()}) differs "
                          f"from the image grid ({image.shape}, {image.geometry.describe()})")
     grid = ModelGrid.fit(image.geometry, image.shape, size)
@@ -79,8 +79,7 @@ def prepare_case(image: Volume, mask: Volume, size: int, normaliser: Normaliser,
 
 
 def _positions(slices: np.ndarray, n_slices: int) -> np.ndarray:
-    """Normalised slice positions z / (Z - 1) in [0, 1] (0 for a single-slice case)."""
-    return (slices / max(n_slices - 1, 1)).astype(np.float32)
+    return np.asarray(slice_position(slices, n_slices), dtype=np.float32)
 
 
 class WindowDataset(torch.utils.data.Dataset):

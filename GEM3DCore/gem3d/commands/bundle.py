@@ -19,7 +19,7 @@ def _echo_counts(counts: Dict[str, int]) -> None:
 
 
 def _summary(loaded) -> None:
-    from gem3d.sampling import resolve_sampler
+    from gem3d.sampler_settings import resolve_sampler
 
     info, diffusion = loaded.info, loaded.config.diffusion
     prov = info["provenance"]

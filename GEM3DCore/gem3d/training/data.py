@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DistributedSampler, default_collate
 
 from gem3d.body import with_outside_label
-from gem3d.bundle import cfg_intensity, cfg_label_map
+from gem3d.bundle_format import cfg_intensity, cfg_label_map
 from gem3d.config import Config
 from gem3d.datasets import open_dataset
 from gem3d.intensity import make_normaliser

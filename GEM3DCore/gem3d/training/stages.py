@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gem3d.config import Config
+from gem3d.grid import slice_position
 from gem3d.informed import generate_latent
 from gem3d.models import decode_latents, encode_slices, is_volumetric, volume_condition
 from gem3d.sampling import make_training_scheduler, plan_windows, propagate, scheduler_factory
@@ -206,7 +207,7 @@ def slice_stage(cfg: Config, model: nn.Module, vae: nn.Module, cache: LatentCach
         generator = torch.Generator(device).manual_seed(cfg.train.seed)
         shape = tuple(cache.images[0].shape[1:])
         latents = torch.stack([
-            generate_latent(model, k / max(case.n_slices - 1, 1), shape, factory, generator,
+            generate_latent(model, slice_position(k, case.n_slices), shape, factory, generator,
                             cache.masks[0][k][None].to(device) if cfg.slice_model.mask_conditioned else None)
             for k in z])
         sample = decode_latents(vae, latents.float(), cfg.vae.scale)
