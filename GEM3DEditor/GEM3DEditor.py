@@ -1,8 +1,6 @@
 """GEM-3D Editor (Slicer 5.8+): the module class, a Widget that only wires the panel, the in-Slicer test.
-
 The work is in GEM3DEditorLib (logic.py: MRML with slicer and vtk only, tested under slicer-core; job.py;
-install.py) and in the gem3d engine, run as its own process whose events a QTimer applies.
-"""
+install.py) and in the gem3d engine, run as its own process whose events a QTimer applies."""
 import json
 import os
 import pathlib
@@ -19,7 +17,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from GEM3DEditorLib import bundle_info, install, label_matching, nodes, panel
+from GEM3DEditorLib import install, label_matching, nodes, panel
 from GEM3DEditorLib.logic import EditorLogic, first_scalar_volume
 from GEM3DEditorLib.parameters import (BatchMode, GEM3DEditorParameterNode, InformedSource, batch_settings,
                                        generate_settings, path_text)
@@ -30,10 +28,15 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def gem3dRoot():
     """Folder holding the gem3d package (shipped next to this module, or ../GEM3DCore), on sys.path."""
-    root = bundle_info.find_gem3d_root(MODULE_DIR)
+    roots = (MODULE_DIR, os.path.abspath(os.path.join(MODULE_DIR, os.pardir, "GEM3DCore")))
+    root = next((r for r in roots if os.path.isfile(os.path.join(r, "gem3d", "__init__.py"))), None)
     if root and root not in sys.path:
         sys.path.insert(0, root)
     return root
+
+
+gem3dRoot()  # the editor uses gem3d's torch-free contract (request, bundle format, labels, axes)
+from gem3d import bundle_format  # noqa: E402
 
 
 class GEM3DEditor(ScriptedLoadableModule):
@@ -133,9 +136,8 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(GEM3DEditorLogic().getParameterNode())
         p = self._parameterNode
-        demo = bundle_info.demo_bundle_path(gem3dRoot())
-        if not os.path.isfile(os.path.join(path_text(p.bundlePath), "bundle.json")) and demo:
-            p.bundlePath = pathlib.Path(demo)
+        if not os.path.isfile(os.path.join(path_text(p.bundlePath), "bundle.json")):
+            p.bundlePath = pathlib.Path(bundle_format.DEMO_BUNDLE)
         if not p.referenceVolume:
             p.referenceVolume = first_scalar_volume(slicer.mrmlScene)
         if not p.segmentation:
@@ -154,7 +156,7 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateInformedWidgets()
 
     def bundleInfo(self):
-        return bundle_info.read_bundle_info(path_text(self._parameterNode.bundlePath))
+        return bundle_format.read_bundle_info(path_text(self._parameterNode.bundlePath))
 
     def updateButtons(self, caller=None, event=None) -> None:
         p, logic, ui = self._parameterNode, self.logic, self.ui
@@ -207,7 +209,7 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.labelMappingTable.setRowCount(0)
             return
         try:
-            labelMap = self.bundleInfo().label_map
+            labelMap = self.bundleInfo().label_map.names
         except ValueError:
             labelMap = {}
         names = panel.fill_label_table(self.ui.labelMappingTable, self.logic.segment_infos(p.segmentation), labelMap,
@@ -327,9 +329,9 @@ class GEM3DEditorTest(ScriptedLoadableModuleTest):
         logic = newEditorLogic()
         reference = nodes.load_volume(slicer.modules.volumes.logic(), os.path.join(folder, "image.nrrd"))
         segmentation = nodes.load_segmentation(slicer.mrmlScene, os.path.join(folder, "labels.nrrd"))
-        bundle = bundle_info.demo_bundle_path(gem3dRoot())
+        bundle = str(bundle_format.DEMO_BUNDLE)
         matches, _unmatched = label_matching.match_segments(logic.segment_infos(segmentation),
-                                                            bundle_info.read_bundle_info(bundle).label_map)
+                                                            bundle_format.read_bundle_info(bundle).label_map.names)
         settings = GenerateSettings(bundle, start=0.5, engine=EngineSettings(steps=2, seed=1, device="cpu"))
         try:
             out = logic.start_generation(settings, reference, segmentation, {m.segment_id: m.label for m in matches})
@@ -345,4 +347,3 @@ class GEM3DEditorTest(ScriptedLoadableModuleTest):
         paths = logic.export_case(out, os.path.join(folder, "export"), "nii.gz", dicom=True)
         np.testing.assert_allclose(read_volume(paths["image"]).array, slicer.util.arrayFromVolume(out), atol=1e-4)
         self.assertTrue(read_description(paths["image"]).startswith("SYNTHETIC"))
-        self.delayDisplay("GEM-3D Editor test passed")

@@ -229,15 +229,32 @@ def test_apis_newer_than_slicer_58_are_guarded():
     assert 'hasattr(packaging, "pip_ensure")' in install and "slicer.util.pip_install(" in install
 
 
-PURE_MODULES = ("batch", "bundle_info", "dependencies", "edits", "export", "geometry", "job", "label_matching",
-                "mask_history", "process", "request", "settings", "sink", "thumbnail", "worker_client", "engine")
+PURE_MODULES = ("batch", "dependencies", "edits", "export", "geometry", "job", "mask_history", "process", "settings",
+                "sink", "thumbnail")
+CONTRACT_MODULES = ("label_matching", "worker_client", "engine")  # gem3d's torch-free contract, no Slicer
 MRML_MODULES = ("headless", "install", "logic", "nodes", "output", "slice_views")
 WIDGET_MODULES = ("panel", "parameters")  # Qt and parameterNodeWrapper: the Slicer application only
 
 
 def test_every_library_module_is_classified():
     names = {p.stem for p in LIB_FILES} - {"__init__"}
-    assert names == set(PURE_MODULES + MRML_MODULES + WIDGET_MODULES)
+    assert names == set(PURE_MODULES + CONTRACT_MODULES + MRML_MODULES + WIDGET_MODULES)
+    assert not (MODULE / "GEM3DEditorLib" / "request.py").exists()  # gem3d.request is the one schema
+    assert not (MODULE / "GEM3DEditorLib" / "bundle_info.py").exists()  # gem3d.bundle_format is the format
+
+
+def test_contract_modules_import_without_slicer_or_torch():
+    code = ("import sys\n"
+            "for name in ('slicer', 'qt', 'vtk', 'ctk', 'torch', 'diffusers'):\n"
+            "    sys.modules[name] = None\n"
+            f"sys.path[:0] = [{str(MODULE)!r}, {str(ROOT / 'GEM3DCore')!r}]\n"
+            "import importlib\n"
+            f"for name in {CONTRACT_MODULES!r}:\n"
+            "    importlib.import_module('GEM3DEditorLib.' + name)\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
 
 
 def test_pure_modules_import_without_slicer_torch_or_gem3d():

@@ -13,7 +13,8 @@ from mrml_fixtures import (ROOT, brats_segmentation, headless, lesion_world_cent
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is in the test extra")
 
-from GEM3DEditorLib import bundle_info, geometry, label_matching, nodes, slice_views  # noqa: E402
+from gem3d.bundle_format import read_bundle_info  # noqa: E402
+from GEM3DEditorLib import geometry, label_matching, nodes, slice_views  # noqa: E402
 from GEM3DEditorLib.logic import EditorLogic, first_scalar_volume  # noqa: E402
 from GEM3DEditorLib.settings import EngineSettings, GenerateSettings  # noqa: E402
 
@@ -74,7 +75,7 @@ def test_segmentation_from_seg_nrrd_composes_the_labels(headless, phantom_case, 
                                       {"name": "enhancing tumour", "label_value": 4}])
     segmentation = nodes.load_segmentation(headless.scene, str(path))
     matches, unmatched = label_matching.match_segments(EditorLogic.segment_infos(segmentation),
-                                                       bundle_info.read_bundle_info(str(DEMO_BUNDLE)).label_map)
+                                                       read_bundle_info(str(DEMO_BUNDLE)).label_map.names)
     assert not unmatched
     mask = EditorLogic.compose_mask(segmentation, reference, {m.segment_id: m.label for m in matches})
     np.testing.assert_array_equal(mask, np.asarray(labels.array))
@@ -129,7 +130,7 @@ def test_a_real_worker_streams_the_demo_bundle_into_a_volume_node_and_exports(
                              gem3d_root=str(ROOT / "GEM3DCore"))
     (tmp_path / "work").mkdir()
     matches, _ = label_matching.match_segments(logic.segment_infos(segmentation),
-                                               bundle_info.read_bundle_info(str(DEMO_BUNDLE)).label_map)
+                                               read_bundle_info(str(DEMO_BUNDLE)).label_map.names)
     settings = GenerateSettings(str(DEMO_BUNDLE), start=0.5,
                                 engine=EngineSettings(sampler="ddim", steps=2, seed=1, device="cpu",
                                                       engine_python=""))  # "": this Python outside Slicer

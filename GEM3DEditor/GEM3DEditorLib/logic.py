@@ -14,7 +14,10 @@ import numpy as np
 import slicer
 import vtk  # noqa: F401  (the MRML nodes' vtk types)
 
-from . import batch, bundle_info, edits, export, geometry, label_matching, nodes, output, process, request
+from gem3d.bundle_format import read_bundle_info
+from gem3d.request import GenerateRequest, InformedSpec, RequestError, new_job_id
+
+from . import batch, edits, export, geometry, label_matching, nodes, output, process
 from .engine import LocalEngine
 from .job import JobKind, JobState, reduce
 from .mask_history import MaskHistory
@@ -154,29 +157,34 @@ class EditorLogic:
             raise ValueError("Select the scan that provides the informed slice.")
         if output_node is not None and output_node in (reference_node, informed_node):
             raise ValueError("The output volume must not be an input scan: choose another output volume.")
-        info = bundle_info.read_bundle_info(settings.bundle)
+        info = read_bundle_info(settings.bundle)
         mask = self.compose_mask(segmentation_node, reference_node, mapping)
         if not mask.any():
             raise ValueError("No segment is mapped to a model label, or the mapped segments are empty: "
                              "the mask would be empty.")
-        job_id = request.new_job_id()
-        paths = request.job_paths(self.work_folder, job_id)
+        job_id = new_job_id()
+        paths = job_paths(self.work_folder, job_id)
         os.makedirs(paths["folder"])
         nodes.write_volume(reference_node, paths["reference"])
         self._write_mask(mask, reference_node, paths["mask"])
-        scan, position, index = None, None, int(settings.informed_slice)
+        informed = InformedSpec(settings.informed_source, slice=int(settings.informed_slice))
         if settings.informed_source == "other":
-            scan = nodes.write_volume(informed_node, paths["informed"])
+            informed.scan = nodes.write_volume(informed_node, paths["informed"])
         elif settings.informed_source == "generated":
-            position = geometry.slice_height(nodes.ijk_to_ras(reference_node),
-                                             slicer.util.arrayFromVolume(reference_node).shape, index)
-            index = None
+            shape = slicer.util.arrayFromVolume(reference_node).shape
+            axis = geometry.axial_axis(nodes.ijk_to_ras(reference_node), shape)
+            informed.slice, informed.position = None, float(axis.position(int(settings.informed_slice)))
         engine = settings.engine
-        req = request.validate_request(request.build_generate_request(
-            job_id, settings.bundle, paths["reference"], paths["mask"], paths["out"],
-            informed_source=settings.informed_source, informed_scan=scan, informed_slice=index,
-            informed_position=position, start=settings.start, sampler=engine.sampler, steps=engine.steps,
-            seed=engine.seed, device=engine.device))
+        try:
+            req = GenerateRequest(paths["reference"], paths["mask"], paths["out"], bundle=settings.bundle,
+                                  job_id=job_id, informed=informed, start=settings.start, sampler=engine.sampler,
+                                  steps=engine.steps, seed=engine.seed, device=engine.device).with_absolute_paths()
+            problems = req.path_problems()
+            if problems:
+                raise RequestError("; ".join(problems))
+        except RequestError as e:
+            raise ValueError(f"The generation cannot start: {e}.") from e
+        req = req.to_message()
         output_node = output.prepare_output_node(reference_node, output_node)
         self._stream = output.OutputStream(output_node, info.modality)
         self._engine_for(engine.engine_python).submit(req)
@@ -309,7 +317,7 @@ class EditorLogic:
         label_names = {}
         if req.get("bundle"):
             try:
-                label_names = bundle_info.read_bundle_info(req["bundle"]).label_map
+                label_names = read_bundle_info(req["bundle"]).label_map.names
             except ValueError:
                 pass
         protected = [req.get("reference"), req.get("mask"), output_node.GetAttribute("GEM3D.ReferenceFile")]
@@ -318,6 +326,14 @@ class EditorLogic:
             image_format=image_format, label_names=label_names, dicom=dicom, patient_name=patient_name,
             modality=export.dicom_modality(output_node.GetAttribute("GEM3D.Modality") or ""),
             description=f"GEM-3D {output_node.GetName()}", protected=[p for p in protected if p])
+
+
+def job_paths(work_dir: str, job_id: str) -> Dict[str, str]:
+    """Where a job's inputs are written (uncompressed NRRD, which Slicer writes in LPS) and its output goes."""
+    folder = os.path.abspath(os.path.join(work_dir, job_id))
+    return {"folder": folder, "reference": os.path.join(folder, "reference.nrrd"),
+            "mask": os.path.join(folder, "mask.nrrd"), "informed": os.path.join(folder, "informed.nrrd"),
+            "out": os.path.join(folder, "synthetic.nii.gz")}
 
 
 def _stored_file(node) -> str:

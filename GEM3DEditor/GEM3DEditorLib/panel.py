@@ -51,7 +51,7 @@ def show_informed_slice(label, spin_box, node, index: int) -> None:
         label.setPixmap(qt.QPixmap())
         return
     array, ijk_to_ras = slicer.util.arrayFromVolume(node), nodes.ijk_to_ras(node)
-    axis = geometry.axial_axis(ijk_to_ras)
+    axis = geometry.axial_axis(ijk_to_ras, array.shape).axis
     spin_box.maximum = max(array.shape[axis] - 1, 0)
     index = min(index, array.shape[axis] - 1)
     thumbnail.write_thumbnail(THUMBNAIL, array, ijk_to_ras, axis, index)
@@ -67,9 +67,10 @@ def red_view_slice_index(node):
     if node is None or red is None:
         return None
     ijk_to_ras = nodes.ijk_to_ras(node)
-    axis = geometry.axial_axis(ijk_to_ras)
+    shape = slicer.util.arrayFromVolume(node).shape
+    axis = geometry.axial_axis(ijk_to_ras, shape).axis
     point = [red.GetSliceToRAS().GetElement(i, 3) for i in range(3)]
-    return geometry.slice_index_at(ijk_to_ras, point, axis, slicer.util.arrayFromVolume(node).shape[axis])
+    return geometry.slice_index_at(ijk_to_ras, point, axis, shape[axis])
 
 
 def red_slice_node():

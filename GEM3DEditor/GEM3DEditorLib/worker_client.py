@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Dict, List, Optional, Sequence
 
-from . import request as requests
+from gem3d import request as requests
 from .process import exit_message, kill_tree, popen_group
 
 TERMINAL_EVENTS = ("finished", "cancelled", "error")
@@ -146,7 +146,7 @@ class WorkerClient:
 
     def generate(self, request: dict) -> str:
         """Validate and send a generate request; returns its job id."""
-        requests.validate_request(request)
+        requests.GenerateRequest.from_dict(request)  # the contract's checks (RequestError)
         job_id = request["job_id"]
         with self._lock:
             self._active[job_id] = False
@@ -161,7 +161,7 @@ class WorkerClient:
             self._active[job_id] = True
         if not self.running:  # the reader thread reports how it ended
             return
-        self.send(requests.cancel_request(job_id))
+        self.send(requests.cancel_message(job_id))
         timer = threading.Timer(self.cancel_timeout, self._kill_if_still_active, args=(job_id,))
         timer.daemon = True
         self._timers.append(timer)

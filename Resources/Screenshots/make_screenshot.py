@@ -27,7 +27,8 @@ def main() -> None:
 
     from gem3d import phantom
     from gem3d.io import write_volume
-    from GEM3DEditorLib import bundle_info, label_matching, nodes, slice_views
+    from gem3d.bundle_format import read_bundle_info
+    from GEM3DEditorLib import label_matching, nodes, slice_views
     from GEM3DEditorLib.headless import HeadlessSlicer
     from GEM3DEditorLib.logic import EditorLogic
     from GEM3DEditorLib.settings import EngineSettings, GenerateSettings
@@ -41,7 +42,7 @@ def main() -> None:
     segmentation = nodes.load_segmentation(slicer.scene, str(folder / "lesion.nrrd"), "lesion")
     bundle = str(ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle")
     matches, _ = label_matching.match_segments(EditorLogic.segment_infos(segmentation),
-                                               bundle_info.read_bundle_info(bundle).label_map)
+                                               read_bundle_info(bundle).label_map.names)
     mapping = {m.segment_id: m.label for m in matches}
     logic = EditorLogic(slicer.scene, slicer.volumes_logic, str(folder), str(ROOT / "GEM3DCore"))
     settings = GenerateSettings(bundle, start=0.5, engine=EngineSettings(steps=args.steps, seed=0, device="cpu"))
