@@ -302,6 +302,8 @@ def test_cmake_ships_every_module_file():
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake and "WITH_GENERIC_TESTS" in cmake
     top = (ROOT / "CMakeLists.txt").read_text()
     assert "add_subdirectory(GEM3DEditor)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top
+    screenshot = re.search(r'EXTENSION_SCREENSHOTURLS "\$\{GEM3D_RAW_URL\}/([^"]+)"', top).group(1)
+    assert (ROOT / screenshot).is_file(), f"EXTENSION_SCREENSHOTURLS names {screenshot}, which does not exist"
 
 
 @pytest.mark.parametrize("path", [ROOT / "Resources" / "Icons" / "GEM3DEditor.png",
