@@ -243,49 +243,33 @@ def test_every_library_module_is_classified():
     assert not (MODULE / "GEM3DEditorLib" / "bundle_info.py").exists()  # gem3d.bundle_format is the format
 
 
-def test_contract_modules_import_without_slicer_or_torch():
-    code = ("import sys\n"
-            "for name in ('slicer', 'qt', 'vtk', 'ctk', 'torch', 'diffusers'):\n"
+def import_blocked(modules, blocked) -> str:
+    """Import GEM3DEditorLib.<modules> in a fresh Python where the `blocked` packages cannot be imported."""
+    code = ("import importlib, sys\n"
+            f"for name in {tuple(blocked)!r}:\n"
             "    sys.modules[name] = None\n"
             f"sys.path[:0] = [{str(MODULE)!r}, {str(ROOT / 'GEM3DCore')!r}]\n"
-            "import importlib\n"
-            f"for name in {CONTRACT_MODULES!r}:\n"
+            f"for name in {tuple(modules)!r}:\n"
             "    importlib.import_module('GEM3DEditorLib.' + name)\n"
-            "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            "print('imported', len(sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert result.stdout.startswith("imported")
+    return result.stdout
 
 
 def test_pure_modules_import_without_slicer_torch_or_gem3d():
     """The module lists missing dependencies before any is installed: these need none of them."""
-    code = ("import sys\n"
-            "for name in ('slicer', 'qt', 'vtk', 'ctk', 'torch', 'gem3d', 'diffusers', 'SimpleITK'):\n"
-            "    sys.modules[name] = None\n"
-            f"sys.path.insert(0, {str(MODULE)!r})\n"
-            "import importlib\n"
-            f"for name in {PURE_MODULES!r}:\n"
-            "    importlib.import_module('GEM3DEditorLib.' + name)\n"
-            "from GEM3DEditorLib import dependencies\n"
-            "print(len(dependencies.REQUIREMENTS))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout) > 10
+    import_blocked(PURE_MODULES, ("slicer", "qt", "vtk", "ctk", "torch", "gem3d", "diffusers", "SimpleITK"))
+
+
+def test_contract_modules_import_without_slicer_or_torch():
+    import_blocked(CONTRACT_MODULES, ("slicer", "qt", "vtk", "ctk", "torch", "diffusers"))
 
 
 def test_mrml_modules_import_under_slicer_core_without_qt():
     pytest.importorskip("slicer", reason="slicer-core is in the test extra")
-    code = ("import sys\n"
-            "for name in ('qt', 'ctk', 'PySide6', 'PyQt5', 'torch', 'diffusers', 'slicer.ScriptedLoadableModule'):\n"
-            "    sys.modules[name] = None\n"
-            f"sys.path.insert(0, {str(MODULE)!r})\n"
-            "import importlib\n"
-            f"for name in {MRML_MODULES!r}:\n"
-            "    importlib.import_module('GEM3DEditorLib.' + name)\n"
-            "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    import_blocked(MRML_MODULES, ("qt", "ctk", "PySide6", "PyQt5", "torch", "diffusers", "slicer.ScriptedLoadableModule"))
 
 
 def test_module_file_is_thin():
