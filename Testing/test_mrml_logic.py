@@ -148,6 +148,7 @@ def test_a_real_worker_streams_the_demo_bundle_into_a_volume_node_and_exports(
             time.sleep(0.05)
     finally:
         logic.shutdown()
+        views.close()
     kinds = [e["event"] for e in events]
     assert kinds[-1] == "finished", events[-1]
     assert logic.job.windows == kinds.count("window") == logic.job.planned_windows >= 2

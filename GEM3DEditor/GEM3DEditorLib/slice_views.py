@@ -11,6 +11,8 @@ ORIENTATIONS = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal"}
 
 
 class SliceViews:
+    """Use as a context manager (or call close()): slice logics left on a scene crash VTK at exit."""
+
     def __init__(self, headless, names: Iterable[str] = tuple(ORIENTATIONS), size: int = 256):
         self.logics = {}
         for name in names:
@@ -46,3 +48,14 @@ class SliceViews:
             pixels = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(rows, columns, -1)
             images[name] = np.ascontiguousarray(pixels[::-1])  # VTK's first row is the bottom one
         return images
+
+    def close(self) -> None:
+        for logic in self.logics.values():
+            logic.SetMRMLScene(None)
+        self.logics = {}
+
+    def __enter__(self) -> "SliceViews":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -64,14 +64,14 @@ def main() -> None:
     k, j, i = np.nonzero(mask)
     centre = (nodes.ijk_to_ras(reference) @ np.array([i.mean(), j.mean(), k.mean(), 1.0]))[:3]
     offsets = {"Red": centre[2], "Yellow": centre[0], "Green": centre[1]}
-    views = slice_views.SliceViews(slicer, size=256)
-    for logic_ in views.logics.values():
-        logic_.GetSliceNode().SetUseLabelOutline(True)
     rows = []
-    for volume in (reference, output):
-        images = views.render({name: volume for name in slice_views.ORIENTATIONS}, label=label, offsets=offsets,
-                              label_opacity=1.0)
-        rows.append(np.concatenate([images[name][..., :3] for name in slice_views.ORIENTATIONS], axis=1))
+    with slice_views.SliceViews(slicer, size=256) as views:
+        for logic_ in views.logics.values():
+            logic_.GetSliceNode().SetUseLabelOutline(True)
+        for volume in (reference, output):
+            images = views.render({name: volume for name in slice_views.ORIENTATIONS}, label=label, offsets=offsets,
+                                  label_opacity=1.0)
+            rows.append(np.concatenate([images[name][..., :3] for name in slice_views.ORIENTATIONS], axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(args.out)
     print(f"wrote {args.out}: top the phantom scan, bottom the synthetic volume ({logic.job.status})")
 
