@@ -167,15 +167,16 @@ class EditorLogic:
         os.makedirs(paths["folder"])
         nodes.write_volume(reference_node, paths["reference"])
         self._write_mask(mask, reference_node, paths["mask"])
-        informed = InformedSpec(settings.informed_source, slice=int(settings.informed_slice))
+        scan, index, position = None, int(settings.informed_slice), None
         if settings.informed_source == "other":
-            informed.scan = nodes.write_volume(informed_node, paths["informed"])
+            scan = nodes.write_volume(informed_node, paths["informed"])
         elif settings.informed_source == "generated":
             shape = slicer.util.arrayFromVolume(reference_node).shape
-            axis = geometry.axial_axis(nodes.ijk_to_ras(reference_node), shape)
-            informed.slice, informed.position = None, float(axis.position(int(settings.informed_slice)))
+            position = float(geometry.axial_axis(nodes.ijk_to_ras(reference_node), shape).position(index))
+            index = None  # the slice model generates the slice at that height
         engine = settings.engine
         try:
+            informed = InformedSpec(settings.informed_source, scan=scan, slice=index, position=position)
             req = GenerateRequest(paths["reference"], paths["mask"], paths["out"], bundle=settings.bundle,
                                   job_id=job_id, informed=informed, start=settings.start, sampler=engine.sampler,
                                   steps=engine.steps, seed=engine.seed, device=engine.device).with_absolute_paths()
