@@ -16,10 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "GEM3DEditor"))
 
-from GEM3DEditorLib import (batch, bundle_info, dependencies, edits, export, geometry,  # noqa: E402
-                            label_matching, mask_history, process, request, sink, thumbnail)
+from GEM3DEditorLib import (batch, dependencies, edits, export, geometry,  # noqa: E402
+                            label_matching, mask_history, process, sink, thumbnail)
 from GEM3DEditorLib.worker_client import WorkerClient, environment_with_path, worker_command  # noqa: E402
 
+from gem3d.request import GenerateRequest, RequestError  # noqa: E402
 from gem3d.volume import Geometry, Volume  # noqa: E402
 
 
@@ -42,76 +43,19 @@ def job_files(tmp_path):
 
 
 def make_request(files, job_id="j1", **options):
-    return request.build_generate_request(job_id, files["bundle"], files["reference"], files["mask"],
-                                          files["out"], **options)
+    """The worker's `generate` message, built with gem3d's contract (gem3d.request)."""
+    return GenerateRequest(files["reference"], files["mask"], files["out"], bundle=files["bundle"], job_id=job_id,
+                           **options).to_message()
 
 
-# ----------------------------------------------------------------------------- request
-def test_request_has_the_protocol_fields_and_absolute_paths(job_files, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    req = request.build_generate_request("j1", "bundle", "reference.nrrd", "mask.nrrd", "o.nii.gz",
-                                         informed_source="other", informed_scan="reference.nrrd",
-                                         informed_slice=3, start=0.25, sampler="ddim", steps=50, seed=7)
-    assert req["type"] == "generate" and req["job_id"] == "j1"
-    assert set(req) == {"type", "job_id", "bundle", "reference", "mask", "informed", "start", "edits",
-                        "augment", "sampler", "steps", "seed", "device", "out"}
-    assert req["informed"] == {"source": "other", "scan": str(tmp_path / "reference.nrrd"), "slice": 3,
-                               "position": None}
-    assert all(os.path.isabs(req[k]) for k in ("bundle", "reference", "mask", "out"))
-    assert json.loads(json.dumps(req)) == req
-    assert request.validate_request(req) is req
-
-
-def test_request_defaults_leave_sampler_and_steps_to_the_bundle(job_files):
-    req = make_request(job_files)
-    assert req["sampler"] is None and req["steps"] is None
-    assert request.request_problems(req) == []
-
-
-@pytest.mark.parametrize("change, words", [
-    ({"start": 1.5}, "start position"),
-    ({"steps": 0}, "steps"),
-    ({"seed": -1}, "seed"),
-    ({"sampler": "euler"}, "sampler"),
-    ({"device": "tpu"}, "device"),
-    ({"augment": "heavy"}, "augment"),
-    ({"edits": [{"degrees": 3}]}, "op"),
-    ({"bundle": "/nowhere"}, "bundle.json"),
-    ({"mask": "/nowhere/mask.nrrd"}, "mask file"),
-])
-def test_invalid_requests_name_the_problem(job_files, change, words):
-    req = dict(make_request(job_files), **change)
-    with pytest.raises(request.RequestError, match=words):
-        request.validate_request(req)
-
-
-def test_request_never_overwrites_an_input_or_an_existing_output(job_files):
-    req = dict(make_request(job_files), out=job_files["reference"])
-    problems = " ".join(request.request_problems(req))
-    assert "exists already" in problems and "is one of the inputs" in problems
-
-
-def test_informed_other_needs_a_scan_and_a_slice_or_position(job_files):
-    req = make_request(job_files, informed_source="other")
-    problems = " ".join(request.request_problems(req))
-    assert "informed scan" in problems and "slice index or a position" in problems
-    req = make_request(job_files, informed_source="fixed", informed_scan=job_files["reference"],
-                       informed_position=0.4)
-    assert request.request_problems(req) == []
-
-
-def test_slice_to_position_selects_that_slice():
-    for count in (1, 7, 155):
-        for index in range(count):
-            assert round(request.slice_to_position(index, count) * (count - 1)) == index
-    with pytest.raises(request.RequestError):
-        request.slice_to_position(5, 5)
-
-
-def test_job_paths_are_per_job_and_absolute(tmp_path):
-    a, b = request.job_paths(str(tmp_path), "j1"), request.job_paths(str(tmp_path), "j2")
-    assert a["folder"] != b["folder"] and all(os.path.isabs(p) for p in a.values())
-    assert a["reference"].endswith(".nrrd") and a["out"].endswith(".nii.gz")
+def test_the_client_refuses_a_request_the_contract_refuses(fake_worker, job_files):
+    client = fake_worker("normal")
+    with pytest.raises(RequestError, match="seed"):
+        client.generate(dict(make_request(job_files), seed=-1))
+    with pytest.raises(RequestError, match="unknown request key"):
+        client.generate(dict(make_request(job_files), slice_count=3))
+    assert client.active_jobs == []
+    client.close()
 
 
 # ----------------------------------------------------------------------------- label matching
@@ -279,6 +223,8 @@ def test_dicom_tags_carry_nothing_of_the_source_and_new_valid_uids():
         assert uid != again[key]
     assert not export.is_valid_uid("1.2.03") and not export.is_valid_uid("1." + "2" * 70)
     assert export.dicom_tags(patient_name="Study^Volunteer")["0010|0010"] == "Study^Volunteer"
+    assert export.synthetic_description("Synthetically made") == "SYNTHETIC Synthetically made"
+    assert export.synthetic_description("synthetic: case 2") == "synthetic: case 2"
 
 
 def test_export_writes_marked_files_and_reads_back(tmp_path):
@@ -291,6 +237,7 @@ def test_export_writes_marked_files_and_reads_back(tmp_path):
     np.testing.assert_allclose(back.array, image.array)
     assert back.geometry.allclose(image.geometry)
     assert read_description(paths["image"]).startswith("SYNTHETIC")
+    assert read_description(paths["segmentation"]).startswith("SYNTHETIC")
     labels, segments = read_segmentation(paths["segmentation"])
     assert {(s["name"], s["label_value"]) for s in segments} == {("edema", 2), ("enhancing tumour", 4)}
     np.testing.assert_array_equal(labels.array, mask.array)
@@ -355,16 +302,16 @@ def test_slicer_geometry_round_trips_with_lps_and_finds_slices():
     ras = ijk_to_ras @ np.array([2, 3, 4, 1.0])
     np.testing.assert_allclose(ras[:3], point_lps * [-1, -1, 1])
     assert geometry.geometry_from_ijk_to_ras(ijk_to_ras).allclose(g)
-    assert geometry.axial_axis(ijk_to_ras) == 0
+    assert geometry.axial_axis(ijk_to_ras, (10, 8, 6)).axis == 0
     assert geometry.slice_index_at(ijk_to_ras, ras[:3], 0, 10) == 4
     centre = geometry.slice_center_ras(ijk_to_ras, (10, 8, 6), 0, 7)
     assert geometry.slice_index_at(ijk_to_ras, centre, 0, 10) == 7
-    assert geometry.slice_height(ijk_to_ras, (10, 8, 6), 9) == 1.0
+    assert geometry.axial_axis(ijk_to_ras, (10, 8, 6)).position(9) == 1.0
     head_first = np.diag([1.0, 1.0, -2.0, 1.0])  # k runs toward inferior
-    assert geometry.slice_height(head_first, (5, 8, 6), 0) == 1.0
-    assert geometry.slice_height(head_first, (5, 8, 6), 1) == 0.75
+    assert geometry.axial_axis(head_first, (5, 8, 6)).position(0) == 1.0
+    assert geometry.axial_axis(head_first, (5, 8, 6)).position(1) == 0.75
     sagittal_stack = np.array([[0, 0, -1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])  # j runs S
-    assert geometry.axial_axis(sagittal_stack) == 1
+    assert geometry.axial_axis(sagittal_stack, (6, 5, 4)).axis == 1
 
 
 def test_thumbnail_is_oriented_like_slicer_and_loads_in_qt(tmp_path):
@@ -403,19 +350,6 @@ def test_missing_dependencies_are_listed_and_torch_goes_apart():
     assert dependencies.loaded_distributions(["yaml", "os"]) == ["PyYAML"]
     assert dependencies.pins({"numpy": "1.26.4"}) == ["numpy==1.26.4"]
     assert dependencies.changed({"numpy": "1.0", "scipy": "1.1"}, {"numpy": "2.0", "scipy": "1.1"}) == ["numpy"]
-
-
-def test_bundle_info_reads_the_summary(job_files):
-    info = bundle_info.read_bundle_info(job_files["bundle"])
-    assert info.label_map == BRATS and info.modality == "mri" and info.window_length == 16
-    assert info.sampler == "dpm++" and info.steps == 20
-    text = info.describe()
-    assert "4 enhancing tumour" in text and "64" in text
-    with pytest.raises(ValueError, match="no bundle.json"):
-        bundle_info.read_bundle_info(os.path.dirname(job_files["bundle"]))
-    assert bundle_info.parse_label_map({"edema": 2, "background": 0}) == {2: "edema"}
-    root = bundle_info.find_gem3d_root(str(ROOT / "GEM3DEditor"))
-    assert root == str(ROOT / "GEM3DCore")
 
 
 def test_batch_commands(tmp_path, job_files):
@@ -692,8 +626,8 @@ def test_real_worker_streams_into_the_sink_and_cancels(tiny_bundle, brain_phanto
     env = environment_with_path(None, [str(ROOT / "GEM3DCore")])
     client = WorkerClient(worker_command(sys.executable), env=env, cancel_timeout=30.0).start()
     try:
-        req = request.build_generate_request("gen", str(tiny_bundle), str(reference), str(mask),
-                                             str(tmp_path / "gen.nii.gz"), start=0.5, steps=2, device="cpu")
+        req = GenerateRequest(str(reference), str(mask), str(tmp_path / "gen.nii.gz"), bundle=str(tiny_bundle),
+                              job_id="gen", start=0.5, steps=2, device="cpu").to_message()
         client.generate(req)
         events = [e for e in wait_for(client, ("finished", "error"), timeout=240) if e["event"] != "heartbeat"]
         kinds = [e["event"] for e in events]
@@ -706,9 +640,8 @@ def test_real_worker_streams_into_the_sink_and_cancels(tiny_bundle, brain_phanto
         assert array_sink.complete and array_sink.windows == len(events[0]["plan"])
         np.testing.assert_allclose(out, read_volume(events[-1]["outputs"]["image"]).array, atol=1e-4)
 
-        req = request.build_generate_request("slow", str(tiny_bundle), str(reference), str(mask),
-                                             str(tmp_path / "slow.nii.gz"), sampler="ddim", steps=400,
-                                             device="cpu")
+        req = GenerateRequest(str(reference), str(mask), str(tmp_path / "slow.nii.gz"), bundle=str(tiny_bundle),
+                              job_id="slow", sampler="ddim", steps=400, device="cpu").to_message()
         client.generate(req)
         wait_for(client, ("started",), timeout=120)
         client.cancel("slow")

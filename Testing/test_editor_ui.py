@@ -3,7 +3,7 @@
 - GEM3DEditor.ui loads with Qt's QUiLoader (PySide6, offscreen). Slicer's widgets (qMRML*, ctk*)
   are unknown to plain Qt: placeholders of their <customwidgets> base class are registered so
   that every widget keeps its class name.
-- Every `self.ui.<name>` of GEM3DEditor.py exists in the .ui; every "SlicerParameterName" names a
+- Every `ui.<name>` of the Widget (GEM3DEditor.py, GEM3DEditorLib/panel.py) exists in the .ui; every "SlicerParameterName" names a
   parameter-node field whose type Slicer 5.8's parameterNodeWrapper can connect to that widget.
 - The Python is Python 3.9 (Slicer 5.8) and uses only slicer.util functions that 5.8 has
   (Testing/data/slicer58_util_functions.txt, from Slicer v5.8.1's Base/Python/slicer/util.py).
@@ -21,6 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "GEM3DEditor"
 MODULE_PY = MODULE / "GEM3DEditor.py"
+PARAMETERS_PY = MODULE / "GEM3DEditorLib" / "parameters.py"
+WIDGET_FILES = [MODULE_PY, MODULE / "GEM3DEditorLib" / "panel.py"]  # the files that touch the .ui's widgets
 UI_FILE = MODULE / "Resources" / "UI" / "GEM3DEditor.ui"
 LIB_FILES = sorted((MODULE / "GEM3DEditorLib").glob("*.py"))
 SLICER58_UTIL = ROOT / "Testing" / "data" / "slicer58_util_functions.txt"
@@ -88,7 +90,7 @@ def ui_widgets(widget):
 
 
 def module_tree():
-    return ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+    return ast.parse(PARAMETERS_PY.read_text(encoding="utf-8"))
 
 
 def parameter_fields():
@@ -99,7 +101,7 @@ def parameter_fields():
                 getattr(d, "id", getattr(d, "attr", None)) == "parameterNodeWrapper" for d in node.decorator_list):
             return {stmt.target.id: ast.unparse(stmt.annotation) for stmt in node.body
                     if isinstance(stmt, ast.AnnAssign)}
-    raise AssertionError("no @parameterNodeWrapper class in GEM3DEditor.py")
+    raise AssertionError("no @parameterNodeWrapper class in GEM3DEditorLib/parameters.py")
 
 
 def enum_classes():
@@ -122,7 +124,9 @@ def kind_of(annotation, enums):
 
 # ----------------------------------------------------------------------------- the .ui
 def test_every_widget_the_module_uses_exists_in_the_ui(loaded_ui):
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_PY.read_text(encoding="utf-8")))
+    used = set()
+    for path in WIDGET_FILES:
+        used |= set(re.findall(r"\bui\.(\w+)", path.read_text(encoding="utf-8")))
     assert len(used) > 40
     missing = sorted(used - set(ui_widgets(loaded_ui)))
     assert not missing, f"GEM3DEditor.py uses widgets the .ui does not have: {missing}"
@@ -214,27 +218,62 @@ def test_slicer_util_functions_exist_in_slicer_58():
 
 
 def test_apis_newer_than_slicer_58_are_guarded():
-    source = MODULE_PY.read_text(encoding="utf-8")
-    for use in re.finditer(r"slicer\.packaging\.\w+\(", source):  # slicer.packaging: Slicer 5.12+
-        before = source[:use.start()]
-        function = before[before.rfind("\ndef "):]
-        assert 'hasattr(slicer, "packaging")' in function, "slicer.packaging used without a hasattr guard"
+    """slicer.packaging (5.12+) is imported explicitly (nothing imports it at startup) and pip_ensure is
+    used only where it exists; 5.8-5.11 get slicer.util.pip_install."""
+    for path in [MODULE_PY] + LIB_FILES:
+        source = path.read_text(encoding="utf-8")
+        assert not re.search(r"slicer\.packaging\.\w+\(", source), f"{path.name}: slicer.packaging without import"
+        assert 'hasattr(slicer, "packaging")' not in source, path.name
+    install = (MODULE / "GEM3DEditorLib" / "install.py").read_text(encoding="utf-8")
+    assert 'importlib.import_module("slicer.packaging")' in install
+    assert 'hasattr(packaging, "pip_ensure")' in install and "slicer.util.pip_install(" in install
 
 
-def test_module_library_imports_without_slicer_torch_or_gem3d():
-    """The module imports GEM3DEditorLib before checking dependencies: it must not need them."""
-    code = ("import sys\n"
-            "for name in ('slicer', 'qt', 'vtk', 'ctk', 'torch', 'gem3d', 'diffusers', 'SimpleITK'):\n"
+PURE_MODULES = ("batch", "dependencies", "edits", "export", "geometry", "job", "mask_history", "process", "settings",
+                "sink", "thumbnail")
+CONTRACT_MODULES = ("label_matching", "worker_client", "engine")  # gem3d's torch-free contract, no Slicer
+MRML_MODULES = ("headless", "install", "logic", "nodes", "output", "slice_views")
+WIDGET_MODULES = ("panel", "parameters")  # Qt and parameterNodeWrapper: the Slicer application only
+
+
+def test_every_library_module_is_classified():
+    names = {p.stem for p in LIB_FILES} - {"__init__"}
+    assert names == set(PURE_MODULES + CONTRACT_MODULES + MRML_MODULES + WIDGET_MODULES)
+    assert not (MODULE / "GEM3DEditorLib" / "request.py").exists()  # gem3d.request is the one schema
+    assert not (MODULE / "GEM3DEditorLib" / "bundle_info.py").exists()  # gem3d.bundle_format is the format
+
+
+def import_blocked(modules, blocked) -> str:
+    """Import GEM3DEditorLib.<modules> in a fresh Python where the `blocked` packages cannot be imported."""
+    code = ("import importlib, sys\n"
+            f"for name in {tuple(blocked)!r}:\n"
             "    sys.modules[name] = None\n"
-            f"sys.path.insert(0, {str(MODULE)!r})\n"
-            "import importlib, pkgutil, GEM3DEditorLib\n"
-            "for info in pkgutil.iter_modules(GEM3DEditorLib.__path__):\n"
-            "    importlib.import_module('GEM3DEditorLib.' + info.name)\n"
-            "from GEM3DEditorLib import dependencies\n"
-            "print(len(dependencies.REQUIREMENTS))\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+            f"sys.path[:0] = [{str(MODULE)!r}, {str(ROOT / 'GEM3DCore')!r}]\n"
+            f"for name in {tuple(modules)!r}:\n"
+            "    importlib.import_module('GEM3DEditorLib.' + name)\n"
+            "print('imported', len(sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert int(result.stdout) > 10
+    assert result.stdout.startswith("imported")
+    return result.stdout
+
+
+def test_pure_modules_import_without_slicer_torch_or_gem3d():
+    """The module lists missing dependencies before any is installed: these need none of them."""
+    import_blocked(PURE_MODULES, ("slicer", "qt", "vtk", "ctk", "torch", "gem3d", "diffusers", "SimpleITK"))
+
+
+def test_contract_modules_import_without_slicer_or_torch():
+    import_blocked(CONTRACT_MODULES, ("slicer", "qt", "vtk", "ctk", "torch", "diffusers"))
+
+
+def test_mrml_modules_import_under_slicer_core_without_qt():
+    pytest.importorskip("slicer", reason="slicer-core is in the test extra")
+    import_blocked(MRML_MODULES, ("qt", "ctk", "PySide6", "PyQt5", "torch", "diffusers", "slicer.ScriptedLoadableModule"))
+
+
+def test_module_file_is_thin():
+    assert len(MODULE_PY.read_text(encoding="utf-8").splitlines()) <= 350
 
 
 # ----------------------------------------------------------------------------- packaging
@@ -247,6 +286,8 @@ def test_cmake_ships_every_module_file():
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake and "WITH_GENERIC_TESTS" in cmake
     top = (ROOT / "CMakeLists.txt").read_text()
     assert "add_subdirectory(GEM3DEditor)" in top and 'EXTENSION_DEPENDS "PyTorch"' in top
+    screenshot = re.search(r'EXTENSION_SCREENSHOTURLS "\$\{GEM3D_RAW_URL\}/([^"]+)"', top).group(1)
+    assert (ROOT / screenshot).is_file(), f"EXTENSION_SCREENSHOTURLS names {screenshot}, which does not exist"
 
 
 @pytest.mark.parametrize("path", [ROOT / "Resources" / "Icons" / "GEM3DEditor.png",

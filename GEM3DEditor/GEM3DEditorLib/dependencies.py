@@ -1,7 +1,18 @@
-"""What the engine needs in the Python that runs it, and what is missing.
+"""What the engine needs in the Python that runs it, per Slicer/Python version, and what is missing.
 
-Pure functions; the Slicer side (asking the user, PyTorchUtils, pip) is in GEM3DEditor.py.
-The table mirrors `[project] dependencies` of pyproject.toml (a test keeps them equal).
+Pure functions; the Slicer side (asking the user, PyTorchUtils, pip) is in install.py.
+REQUIREMENTS mirrors `[project] dependencies` of pyproject.toml (a test keeps them equal); the
+Python 3.9 rows of INSTALL_TABLE are what pip can resolve for Slicer 5.8 (a test asks pip).
+
+| Slicer      | Python | numpy, scipy                | torch      | diffusers    | torchmetrics |
+|-------------|--------|-----------------------------|------------|--------------|--------------|
+| 5.8         | 3.9    | Slicer's 1.26.4, 1.13.1     | >=2.1,<2.9 | >=0.30,<0.37 | >=1.3,<2     |
+| 5.10 and up | 3.12   | Slicer's (kept as they are) | >=2.1,<3   | >=0.30,<0.43 | >=1.3,<2     |
+(torch 2.8 and diffusers 0.36 are the last releases with Python 3.9 wheels.)
+
+Tested: CI runs torch 2.13.0 with the newest of the rest; the oldest-versions run (Testing/
+test_install_sets.py) runs torch 2.13.0 (the only CPU wheel offline) with numpy 1.26.4, scipy 1.13.1,
+diffusers 0.30.0 and torchmetrics 1.3.0. torch below 2.13 is resolved for Python 3.9, not run.
 """
 from __future__ import annotations
 
@@ -13,8 +24,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 # import name -> pip requirement (same bounds as pyproject.toml)
 REQUIREMENTS: Dict[str, str] = {
     "torch": "torch>=2.1,<3",
-    "numpy": "numpy>=1.24,<3",
-    "scipy": "scipy>=1.10,<2",
+    "numpy": "numpy>=1.26,<3",
+    "scipy": "scipy>=1.13,<2",
     "SimpleITK": "SimpleITK>=2.3,<3",
     "slicerio": "slicerio>=1.0,<2",
     "nrrd": "pynrrd>=1.0,<2",
@@ -28,6 +39,15 @@ REQUIREMENTS: Dict[str, str] = {
     "PIL": "Pillow>=9,<13",
 }
 
+# Python 3.9 (Slicer 5.8): narrower bounds where newer releases dropped 3.9
+PYTHON39_OVERRIDES: Dict[str, str] = {
+    "torch": "torch>=2.1,<2.9",
+    "diffusers": "diffusers>=0.30,<0.37",
+}
+
+# What Export needs in Slicer's own Python even when a user-chosen Python runs the engine.
+EXPORT_PACKAGES = ("SimpleITK", "slicerio", "nrrd")
+
 # Installed separately: PyTorchUtils (PyTorch extension) picks the CUDA build that fits the driver.
 TORCH = "torch"
 
@@ -35,9 +55,44 @@ TORCH = "torch"
 PINNED_WHEN_LOADED = ("numpy", "SimpleITK")
 
 
+def requirements_for(python_version: Tuple[int, int]) -> Dict[str, str]:
+    """The INSTALL_TABLE row for a Python version: {import name: pip requirement}."""
+    table = dict(REQUIREMENTS)
+    if tuple(python_version[:2]) < (3, 10):
+        table.update(PYTHON39_OVERRIDES)
+    return table
+
+
+def _release(version: str) -> Tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13, 0); '0.30.0.dev1' -> (0, 30, 0)."""
+    parts = []
+    for part in re.split(r"[.+]", version):
+        digits = re.match(r"\d+", part)
+        if not digits:
+            break
+        parts.append(int(digits.group()))
+        if digits.group() != part:
+            break
+    return tuple(parts)
+
+
+def satisfies(version: str, requirement: str) -> bool:
+    """Whether `version` meets the >=, <, ==, <=, > bounds of `requirement` (release numbers only)."""
+    have = _release(version)
+    for op, bound in re.findall(r"(>=|<=|==|<|>)\s*([0-9][0-9.]*)", requirement):
+        want = _release(bound)
+        width = max(len(have), len(want))
+        a, b = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
+        if not {">=": a >= b, "<=": a <= b, "==": a == b, "<": a < b, ">": a > b}[op]:
+            return False
+    return True
+
+
 def missing_packages(find_spec: Callable[[str], object] = importlib.util.find_spec,
-                     requirements: Optional[Dict[str, str]] = None) -> List[Tuple[str, str]]:
-    """(import name, pip requirement) of every package that cannot be imported."""
+                     requirements: Optional[Dict[str, str]] = None,
+                     version: Callable[[str], str] = importlib.metadata.version) -> List[Tuple[str, str]]:
+    """(import name, pip requirement) of every package that cannot be imported or whose installed
+    version is outside the requirement's bounds."""
     requirements = REQUIREMENTS if requirements is None else requirements
     missing = []
     for name, requirement in requirements.items():
@@ -45,6 +100,11 @@ def missing_packages(find_spec: Callable[[str], object] = importlib.util.find_sp
             found = find_spec(name) is not None
         except (ImportError, ValueError):  # a broken half-installed package
             found = False
+        if found:
+            try:
+                found = satisfies(version(distribution_name(requirement)), requirement)
+            except importlib.metadata.PackageNotFoundError:
+                pass  # importable without metadata (a source checkout): accepted
         if not found:
             missing.append((name, requirement))
     return missing

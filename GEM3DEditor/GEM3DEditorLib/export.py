@@ -41,8 +41,9 @@ def is_valid_uid(uid: str) -> bool:
 
 
 def synthetic_description(text: str = "") -> str:
+    """The user's description behind the SYNTHETIC word, unless it already starts with it."""
     text = (text or "").strip()
-    if text.upper().startswith(SYNTHETIC):
+    if text.upper().startswith(SYNTHETIC) and text[len(SYNTHETIC):][:1] in ("", " ", ":"):
         return text
     return f"{SYNTHETIC} {text}".strip()
 
@@ -198,7 +199,7 @@ def export_case(image, out_dir: str, name: str = "synthetic_case", mask=None,
     if mask is not None:
         segments = segments_for(mask.array, label_names or {})
         if segments:
-            io.write_segmentation(mask, paths["segmentation"], segments)
+            io.write_segmentation(mask, paths["segmentation"], segments, description=text)
         else:
             paths["segmentation"] = None
     record = dict(provenance or {})

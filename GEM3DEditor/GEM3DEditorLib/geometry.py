@@ -3,7 +3,8 @@
 Slicer's scene is RAS; gem3d, ITK and the files are LPS: x and y change sign. Arrays are the
 same in both: Slicer's arrayFromVolume is indexed (k, j, i) = gem3d's (z, y, x). When data goes
 through files (NRRD, NIfTI) Slicer's readers and writers convert, and nothing here is needed;
-these functions serve the in-memory paths (mask edits on a segment, slice navigation).
+these functions serve the in-memory paths (mask edits on a segment, slice navigation). Which axis
+is axial and slice positions are gem3d's rules (gem3d.grid), applied to a Slicer matrix here.
 """
 from __future__ import annotations
 
@@ -42,13 +43,12 @@ def ijk_to_ras_from_geometry(geometry) -> np.ndarray:
     return m
 
 
-def axial_axis(ijk_to_ras) -> int:
-    """Array axis (0 = k, 1 = j, 2 = i) that runs closest to inferior-superior: the axis whose
-    index numbers axial slices."""
-    m = np.asarray(ijk_to_ras, dtype=np.float64).reshape(4, 4)
-    columns = m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)
-    ijk_axis = int(np.argmax(np.abs(columns[2])))
-    return 2 - ijk_axis
+def axial_axis(ijk_to_ras, shape: Sequence[int]):
+    """gem3d's AxialAxis (the one rule for which array axis is axial and which way it runs) of a
+    Slicer volume with this IJK-to-RAS matrix and (k, j, i) shape."""
+    from gem3d.grid import AxialAxis
+
+    return AxialAxis.of(geometry_from_ijk_to_ras(ijk_to_ras), shape)
 
 
 def slice_index_at(ijk_to_ras, point_ras: Sequence[float], axis: int, count: int) -> int:
@@ -63,20 +63,3 @@ def slice_center_ras(ijk_to_ras, shape: Sequence[int], axis: int, index: int) ->
     ijk = np.array([(shape[2] - 1) / 2.0, (shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0, 1.0])
     ijk[2 - axis] = index
     return (np.asarray(ijk_to_ras, dtype=np.float64).reshape(4, 4) @ ijk)[:3]
-
-
-def take_slice(array: np.ndarray, axis: int, index: int) -> np.ndarray:
-    return np.take(array, index, axis=axis)
-
-
-def slice_height(ijk_to_ras, shape: Sequence[int], index: int) -> float:
-    """Normalised height in [0, 1] (0: most inferior slice) of slice `index` along the axial axis,
-    as gem3d counts informed-slice positions (its model slices run inferior -> superior)."""
-    m = np.asarray(ijk_to_ras, dtype=np.float64).reshape(4, 4)
-    axis = axial_axis(m)
-    count = int(shape[axis])
-    if not 0 <= index < count:
-        raise ValueError(f"slice {index} is outside the {count} axial slices")
-    superior_first = m[2, 2 - axis] < 0  # index grows toward inferior
-    z = count - 1 - index if superior_first else index
-    return z / max(count - 1, 1)

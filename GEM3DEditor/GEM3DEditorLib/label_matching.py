@@ -1,7 +1,8 @@
 """Match a segmentation's segments to the labels of a model bundle's label map.
 
 A segment matches by, in this order: its name (exact or a known synonym: "necrotic core",
-"NCR" -> necrosis), its terminology (SNOMED CT codes or code meanings of Slicer's
+"NCR" -> necrosis; names and spelling rule from gem3d.labels), its terminology (SNOMED CT
+codes or code meanings of Slicer's
 "TerminologyEntry" tag), a generic name that carries a number ("Segment_2", "label 4"), or its
 label value when that is unambiguous. Segments that match nothing are reported, never dropped
 silently. Then the matched segments are composed into one label volume.
@@ -13,26 +14,13 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-
-# canonical name -> synonyms (lower case, punctuation replaced by spaces, British spellings folded)
-SYNONYMS: Dict[str, Tuple[str, ...]] = {
-    "necrosis": ("necrosis", "necrotic", "necrotic core", "necrotic tumor core", "ncr", "net",
-                 "ncr net", "non enhancing tumor core", "non enhancing tumor", "nonenhancing tumor core",
-                 "necrotic and non enhancing tumor core", "necrotic non enhancing tumor core"),
-    "edema": ("edema", "ed", "peritumoral edema", "snfh", "flair hyperintensity",
-              "surrounding non enhancing flair hyperintensity", "surrounding flair hyperintensity"),
-    "enhancing": ("enhancing", "enhancing tumor", "et", "enhancing core", "enhancing tumor core",
-                  "gd enhancing tumor", "contrast enhancing tumor", "neoplasm primary"),
-    "liver": ("liver", "hepar"),
-    "kidney": ("kidney", "kidneys", "left kidney", "right kidney", "kidney left", "kidney right", "renal"),
-    "spleen": ("spleen", "lien"),
-    "pancreas": ("pancreas", "pancreatic"),
-}
+from gem3d.labels import canonical_name
+from gem3d.labels import normalise_name as normalize
 
 # SNOMED CT code value -> canonical name
 SNOMED_CODES: Dict[str, str] = {
     "6574001": "necrosis",
-    "79654002": "edema",
+    "79654002": "oedema",
     "10200004": "liver",
     "64033007": "kidney",
     "9846003": "kidney",  # right kidney
@@ -41,23 +29,7 @@ SNOMED_CODES: Dict[str, str] = {
     "15776009": "pancreas",
 }
 
-_SPELLINGS = (("oedema", "edema"), ("tumour", "tumor"), ("nonenhancing", "non enhancing"))
 _GENERIC = re.compile(r"^(?:segment|label|class|structure)?\s*(\d+)$")
-
-
-def normalize(text: str) -> str:
-    text = re.sub(r"[^a-z0-9]+", " ", (text or "").lower()).strip()
-    for british, american in _SPELLINGS:
-        text = re.sub(rf"\b{british}\b", american, text)
-    return text
-
-
-_SYNONYM_INDEX = {normalize(s): canonical for canonical, synonyms in SYNONYMS.items() for s in synonyms}
-
-
-def canonical_name(text: str) -> Optional[str]:
-    """'Necrotic core' -> 'necrosis'; None when unknown."""
-    return _SYNONYM_INDEX.get(normalize(text))
 
 
 def terminology_type(entry: str) -> Optional[Tuple[str, str, str]]:

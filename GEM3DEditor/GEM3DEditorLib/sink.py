@@ -54,7 +54,8 @@ class ArraySink:
             self.on_modified()
 
     def apply_event(self, event: dict, delete_file: bool = True) -> None:
-        """Apply a `window` event; its slab is an .npy file (removed after reading by default)."""
+        """Apply a `window` event; its slab is an .npy file (removed after reading by default).
+        Returns the slab."""
         path = event["path"]
         slab = np.load(path, allow_pickle=False)
         self.apply(int(event["axis"]), int(event["start"]), int(event["stop"]), slab)
@@ -63,6 +64,7 @@ class ArraySink:
                 os.remove(path)
             except OSError:
                 pass
+        return slab
 
     @property
     def filled_fraction(self) -> float:

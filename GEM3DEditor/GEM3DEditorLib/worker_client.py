@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-from . import request as requests
+from gem3d import request as requests
 from .process import exit_message, kill_tree, popen_group
 
 TERMINAL_EVENTS = ("finished", "cancelled", "error")
@@ -167,7 +167,7 @@ class WorkerClient:
         try:
             if job_id is None:
                 raise ValueError("Invalid generate request: job_id must be a non-empty string.")
-            requests.validate_request(request)
+            requests.GenerateRequest.from_dict(request)  # the contract's checks
         except Exception as err:  # RequestError, or a request too broken to validate
             self._client_error(job_id, str(err))
             return job_id
@@ -185,7 +185,7 @@ class WorkerClient:
             self._active[job_id] = True
         if not self.running:  # the reader thread reports how it ended
             return
-        self.send(requests.cancel_request(job_id))
+        self.send(requests.cancel_message(job_id))
         timer = threading.Timer(self.cancel_timeout, self._kill_if_still_active, args=(job_id,))
         timer.daemon = True
         self._timers.append(timer)

@@ -1,0 +1,36 @@
+"""The choices of the module's panel, handed to the logic as one object per action."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    sampler: Optional[str] = None  # None: the bundle's
+    steps: Optional[int] = None  # None: the bundle's
+    seed: int = 0
+    device: str = "auto"
+    engine_python: str = ""  # "": PythonSlicer
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateSettings:
+    bundle: str
+    informed_source: str = "same"  # same | other | generated
+    informed_slice: int = 0
+    start: Optional[float] = 0.5  # None: around the informed slice
+    engine: EngineSettings = EngineSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSettings:
+    mode: str  # enhance | harmonize
+    dataset: str
+    out: str
+    bundle: Optional[str] = None
+    times: int = 2
+    augment: bool = False
+    informed_scan: Optional[str] = None
+    informed_position: float = 0.5
+    engine: EngineSettings = EngineSettings()

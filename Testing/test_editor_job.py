@@ -1,0 +1,47 @@
+"""The job state and its event reducer (GEM3DEditorLib/job.py): pure Python, one for a generation
+and a batch run."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "GEM3DEditor"))
+
+from GEM3DEditorLib.job import EventKind, JobKind, JobState, reduce  # noqa: E402
+
+
+def run(state, events):
+    for event in events:
+        state = reduce(state, event)
+    return state
+
+
+def test_a_generation_goes_from_started_through_windows_to_finished():
+    events = [{"event": "started", "job_id": "a", "plan": [[0, 8], [7, 15], [14, 16]]},
+              {"event": "window", "job_id": "a", "start": 0, "stop": 8, "direction": "first", "progress": 0.4},
+              {"event": "heartbeat", "job_id": "a"},
+              {"event": "window", "job_id": "b", "start": 0, "stop": 8, "progress": 0.9},  # another job
+              {"event": "window", "job_id": "a", "start": 7, "stop": 15, "direction": "up", "progress": 0.8}]
+    state = run(JobState("a"), events)
+    assert (state.planned_windows, state.windows, state.progress, state.done) == (3, 2, 0.8, False)
+    assert state.status == "Window 7-15 (up)"
+    state = reduce(state, {"event": "finished", "job_id": "a", "outputs": {"image": "x.nii.gz"},
+                           "timings": {"total": 12.34}})
+    assert state.done and state.progress == 1.0 and state.outputs == {"image": "x.nii.gz"}
+    assert state.status == "Done in 12.3 s." and state.error is None
+    assert reduce(state, {"event": "error", "job_id": "a", "message": "late"}) is state  # nothing after the end
+
+
+def test_errors_keep_the_message_and_the_engine_output():
+    state = reduce(JobState("a"), {"event": "error", "job_id": None, "message": "The GEM-3D engine stopped.",
+                                   "stderr": "Traceback..."})
+    assert state.done and state.error == "The GEM-3D engine stopped." and state.error_details == "Traceback..."
+    assert reduce(JobState("a"), {"event": "cancelled", "job_id": "a"}).status == "Cancelled."
+    assert reduce(JobState("a"), {"event": "no such event", "job_id": "a"}) == JobState("a")
+
+
+def test_a_batch_run_reports_progress_lines():
+    state = run(JobState("batch", JobKind.BATCH), [{"event": "log", "line": "loading"},
+                                                   {"event": "progress", "done": 3, "total": 12, "line": "[3/12]"}])
+    assert state.progress == 0.25 and state.status == "[3/12]" and not state.done
+    assert run(state, [{"event": "finished"}]).done
+    assert EventKind.ERROR.terminal and not EventKind.WINDOW.terminal
