@@ -305,3 +305,27 @@ def test_mismatched_vae_or_schedule_is_refused(official_files, tmp_path):
         import_official(tmp_path / "y", f / "stage2.ckpt", "brain", slice_model=tmp_path / "slice_ddpm.ckpt",
                         base=small_base())
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_official_conventions_import_the_raw_slice_weights(official_files, tmp_path):
+    from gem3d.cli import main
+
+    f = official_files["folder"]
+    args = ["import-official", "--volume", str(f / "stage2.ckpt"), "--slice", str(f / "slice.ckpt"),
+            "--preset", "brain", "--config", str(f / "small.yaml")]
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "official"), "--conventions", "official"])
+    assert result.exit_code == 0, result.output
+    assert "conventions: official" in result.output and "EMA present but not used" in result.output
+    bundle = load_bundle(tmp_path / "official")
+    slice_state = bundle.slice_model.state_dict()
+    assert all(torch.equal(slice_state["unet." + k], v) for k, v in official_files["slice"].items())  # raw, not EMA
+    assert bundle.info["provenance"]["conventions"] == {
+        "name": "official", "slice_weights": "raw", "decode": "channel-0", "ddim_final_alpha": "ldm",
+        "conditioning": "posterior-sample", "position": "start-slice"}
+    ours = read_info(import_official(tmp_path / "ours", f / "stage2.ckpt", "brain", slice_model=f / "slice.ckpt",
+                                     base=small_base()))
+    assert ours["provenance"]["conventions"]["name"] == "gem3d"
+    refused = CliRunner().invoke(main, args + ["--out", str(tmp_path / "no"), "--conventions", "official",
+                                               "--weights", "ema"])
+    assert refused.exit_code != 0 and "contradicts --conventions official" in refused.output
+    assert not (tmp_path / "no").exists()
