@@ -329,3 +329,19 @@ def test_official_conventions_import_the_raw_slice_weights(official_files, tmp_p
                                                "--weights", "ema"])
     assert refused.exit_code != 0 and "contradicts --conventions official" in refused.output
     assert not (tmp_path / "no").exists()
+
+
+def test_decode_keeps_channel_0_under_the_official_conventions():
+    from gem3d.conventions import get
+    from gem3d.models import decode_latents
+
+    cfg = small_base()
+    torch.manual_seed(0)
+    vae = build_vae(cfg).eval()
+    z = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        rgb = vae.decode(z / 0.18215).sample
+        ours, official = (decode_latents(vae, z, 0.18215, channel=get(name).decode_channel)
+                          for name in ("gem3d", "official"))
+    assert rgb.shape[1] == 3 and not torch.allclose(rgb[:, 0], rgb[:, 1])       # the channels differ
+    assert torch.equal(official, rgb[:, :1]) and torch.allclose(ours, rgb.mean(1, keepdim=True))

@@ -36,6 +36,20 @@ class Conventions:
     def to_dict(self) -> Dict[str, str]:
         return asdict(self)
 
+    @property
+    def decode_channel(self) -> Optional[int]:
+        """The VAE output channel kept as the grey slice; None: the channel mean."""
+        return 0 if self.decode == "channel-0" else None
+
+    @property
+    def sample_posterior(self) -> bool:
+        return self.conditioning == "posterior-sample"
+
+    @property
+    def alpha_to_one(self) -> bool:
+        """DDIM's `set_alpha_to_one`."""
+        return self.ddim_final_alpha == "one"
+
 
 CONVENTIONS: Dict[str, Conventions] = {
     "gem3d": Conventions("gem3d", "ema", "channel-mean", "one", "posterior-mean", "first-window-centre"),
