@@ -20,7 +20,7 @@ def tiny_config(window: int = 4, size: int = 32):
     cfg.data.labels = dict(BRATS_LABELS)
     cfg.data.slice_size = size
     cfg.vae.sample_size = size
-    cfg.train.window = window
+    cfg.window_length = window
     return cfg
 
 

@@ -35,7 +35,7 @@ def test_two_processes_stay_in_sync(tmp_path):
     write_dataset(tmp_path / "data", "brain", cases=4, size=32, slices=12)
     cfg = load_config("tiny")
     cfg.data.slice_size = 32
-    cfg.train.window, cfg.train.batch_size, cfg.train.warmup_steps = 4, 2, 1
+    cfg.window_length, cfg.train.batch_size, cfg.train.warmup_steps = 4, 2, 1
     cfg.train.vae_steps, cfg.train.stage1_steps, cfg.train.lr = 3, 4, 1e-3
     cfg.train.checkpoint_every, cfg.train.preview_every = 2, 0
     save_config(cfg, tmp_path / "cfg.yaml")

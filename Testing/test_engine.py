@@ -175,3 +175,37 @@ def test_generate_cli_keeps_an_oblique_anisotropic_reference_geometry(tiny_bundl
     np.testing.assert_allclose(written.GetOrigin(), original.GetOrigin(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(written.GetDirection(), original.GetDirection(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(written.GetSpacing(), (0.9, 1.3, 3.1), rtol=0, atol=1e-12)
+
+
+def _files(folder):
+    return sorted(p for p in folder.rglob("*"))
+
+
+def test_pipeline_generates_from_volumes_in_memory_and_writes_no_file(engine, brain_phantom, tiny_bundle,
+                                                                      tmp_path, monkeypatch):
+    reference, mask = case(brain_phantom)
+    ref, labels, scan = read_volume(reference), read_volume(mask), read_volume(case(brain_phantom, 1)[0])
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    watched = {folder: _files(folder) for folder in (work, brain_phantom, tiny_bundle)}
+    request = GenerateRequest(reference="in memory", mask="in memory", out=str(work / "never.nii.gz"),
+                              informed=InformedSpec("other", scan="patient 1", position=0.5),
+                              edits=[{"op": "flip", "axis": "LR"}], start=0.25, steps=2, seed=3)
+    events = list(engine.pipeline.run(ref, labels, request, informed_scan=scan))
+    assert {folder: _files(folder) for folder in watched} == watched
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "started" and kinds[-1] == "generated" and set(kinds[1:-1]) == {"window"}
+    generated = events[-1]["result"]
+    assert generated.image.shape == ref.shape and generated.image.geometry == ref.geometry
+    assert scan.shape[0] == 12  # axial, not flipped: round(0.5 * 11) = 6, at 6 / 11
+    assert generated.record["informed_slice"] == {"source": "other", "scan": "patient 1", "model_index": 6,
+                                                  "scan_index": 6, "position": 6 / 11}
+    assert generated.record["start_position"] == 0.25 and generated.record["mask_edits"][0]["op"] == "flip"
+    assert not np.array_equal(generated.mask.array, labels.array)  # the flip moved the lesion
+    # the file engine is read -> this pipeline -> write: the same volume, bit for bit
+    files = GenerateRequest(reference=reference, mask=mask, out=str(tmp_path / "syn.nii.gz"),
+                            informed=InformedSpec("other", scan=case(brain_phantom, 1)[0], position=0.5),
+                            edits=[{"op": "flip", "axis": "LR"}], start=0.25, steps=2, seed=3)
+    assert [e["event"] for e in engine.generate(files)][-1] == "finished"
+    np.testing.assert_array_equal(read_volume(tmp_path / "syn.nii.gz").array, generated.image.array)

@@ -377,7 +377,7 @@ def test_config_file_overrides_a_preset_and_rejects_unknown_keys(tmp_path):
                     "data:\n  labels: {1: liver, 2: kidney}\n")
     cfg = load_config(path)
     assert cfg.unet.model_channels == 224 and not cfg.informed_slice
-    assert cfg.train.lr == 5e-6 and cfg.train.window == 16 and cfg.data.labels == {1: "liver", 2: "kidney"}
+    assert cfg.train.lr == 5e-6 and cfg.window_length == 16 and cfg.data.labels == {1: "liver", 2: "kidney"}
     path.write_text("unet:\n  chanel_mult: [1, 2]\n")
     with pytest.raises(ValueError, match=r"unet\.chanel_mult"):
         load_config(path)

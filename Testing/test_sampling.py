@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from gem3d.config import DiffusionConfig
+from gem3d.sampler_settings import PRESETS
 from gem3d.sampling import (
-    PRESETS,
     Cancelled,
     make_scheduler,
     make_training_scheduler,
     plan_windows,
     propagate,
     scheduler_factory,
+    start_slice,
 )
 
 C, H, W, N = 4, 4, 4, 8
@@ -62,7 +63,7 @@ def mixing_denoiser(x, t, mask_latent, informed_latent):
 
 
 def run(denoiser, Z, p, sampler="dpm++", seed=0, X0=None, **kwargs):
-    plan = plan_windows(Z, N, p)
+    plan = plan_windows(Z, N, start_slice(p, Z, N))
     informed = X0[plan.first.start] if X0 is not None else \
         torch.randn(C, H, W, generator=torch.Generator().manual_seed(100))
     prop = propagate(denoiser, slice_index_masks(Z), informed, plan,
@@ -120,7 +121,7 @@ def test_make_scheduler_rejects_bad_specs():
 # ---------------------------------------------------------------- plan
 
 def test_plan_example_37_slices_from_the_middle():
-    plan = plan_windows(37, 8, 0.5)
+    plan = plan_windows(37, 8, start_slice(0.5, 37, 8))
     spans = [[(w.start, w.stop, w.direction, w.known, w.informed_index) for w in r]
              for r in plan.rounds]
     assert spans == [
@@ -135,7 +136,7 @@ def test_plan_example_37_slices_from_the_middle():
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.5, 0.99, 1.0])
 def test_plan_covers_the_volume_and_marks_every_generated_slice_known(p, overlap):
     for Z in range(N, 45):
-        plan = plan_windows(Z, N, p, overlap)
+        plan = plan_windows(Z, N, start_slice(p, Z, N), overlap)
         assert plan.first.start == min(math.floor(p * Z), Z - N)
         assert plan.windows[0] == plan.first and len(plan.windows) == 1 + len(plan.up) + len(plan.down)
         generated = set()
@@ -164,13 +165,15 @@ def test_plan_covers_the_volume_and_marks_every_generated_slice_known(p, overlap
 
 def test_plan_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"7 slices.*window length 8"):
-        plan_windows(7, 8, 0.5)
+        plan_windows(7, 8, 0)
     with pytest.raises(ValueError, match="start position"):
-        plan_windows(20, 8, 1.5)
+        start_slice(1.5, 20, 8)
+    with pytest.raises(ValueError, match="start slice"):
+        plan_windows(20, 8, 13)
     with pytest.raises(ValueError, match="overlap"):
-        plan_windows(20, 8, 0.5, overlap=8)
+        plan_windows(20, 8, 10, overlap=8)
     with pytest.raises(ValueError, match="overlap"):
-        plan_windows(20, 8, 0.5, overlap=0)
+        plan_windows(20, 8, 10, overlap=0)
 
 
 # ---------------------------------------------------------------- propagation
@@ -193,7 +196,7 @@ def test_known_frames_carry_the_noise_level_of_the_timestep_they_are_fed_at(samp
     Z, h = 37, 8
     X0 = 3 * torch.randn(Z, C, h, h, generator=torch.Generator().manual_seed(1)) + 2
     calls = []
-    plan = plan_windows(Z, N, 0.3)
+    plan = plan_windows(Z, N, start_slice(0.3, Z, N))
     prop = propagate(oracle(X0, calls), slice_index_masks(Z, h, h), X0[plan.first.start], plan,
                      scheduler_factory(**SAMPLER_ARGS[sampler]), torch.Generator().manual_seed(0))
     list(prop)
@@ -258,7 +261,7 @@ def test_batched_directions_equal_sequential_windows(sampler):
 
 
 def test_windows_keep_known_slices_exactly_as_generated():
-    plan = plan_windows(37, N, 0.4)
+    plan = plan_windows(37, N, start_slice(0.4, 37, N))
     prop = propagate(mixing_denoiser, slice_index_masks(37), torch.randn(C, H, W), plan,
                      scheduler_factory("unipc", 10), torch.Generator().manual_seed(0))
     before = prop.volume.clone()
@@ -285,7 +288,7 @@ def test_cancel_stops_before_the_next_model_evaluation(stop_after):
         calls.append(int(t[0]))
         return mixing_denoiser(x, t, m, i)
 
-    plan = plan_windows(22, N, 0.5)
+    plan = plan_windows(22, N, start_slice(0.5, 22, N))
     prop = propagate(denoiser, slice_index_masks(22), torch.randn(C, H, W), plan,
                      scheduler_factory("dpm++", 5), torch.Generator().manual_seed(0),
                      cancel=lambda: len(calls) >= stop_after)
@@ -310,7 +313,7 @@ def test_propagation_is_a_single_pass_iterator():
 
 
 def test_propagate_rejects_mismatched_latents_and_bad_denoiser_output():
-    plan = plan_windows(10, N, 0.0)
+    plan = plan_windows(10, N, 0)
     factory = scheduler_factory("dpm++", 5)
     with pytest.raises(ValueError, match="Z=10"):
         propagate(mixing_denoiser, slice_index_masks(9), torch.randn(C, H, W), plan, factory,

@@ -31,7 +31,8 @@ STEPS = {"vae": 60, "stage1": 30, "stage2": 150, "slice": 100}
 def tiny_config(**train):
     cfg = load_config("tiny")
     cfg.data.slice_size = 32
-    settings = dict(window=4, batch_size=2, warmup_steps=10, lr=2e-3, stage2_lr=5e-3, slice_lr=2e-3, vae_lr=2e-3,
+    cfg.window_length = 4
+    settings = dict(batch_size=2, warmup_steps=10, lr=2e-3, stage2_lr=5e-3, slice_lr=2e-3, vae_lr=2e-3,
                     ema_decay=0.9, checkpoint_every=0, preview_every=0)
     cfg.train = dataclasses.replace(cfg.train, **{**settings, **train})
     return cfg
@@ -209,7 +210,7 @@ def test_the_loss_regresses_what_the_samplers_expect(prediction):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_example_configs_load(path):
     cfg = load_config(path)
-    assert cfg.name and cfg.train.window >= 1
+    assert cfg.name and cfg.window_length >= 1
 
 
 def test_a_pretrained_vae_is_used_frozen_with_the_configs_scale(phantoms, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from gem3d.intensity import make_normaliser
 from gem3d.volume import Geometry, Volume
-from gem3d.windows import PreparedCase, SliceDataset, WindowDataset, prepare_case
+from gem3d.training.examples import PreparedCase, SliceDataset, WindowDataset, prepare_case
 
 S = 8
 
@@ -142,7 +142,7 @@ def sagittal_case(labels=(0, 1, 2, 4)):
 def test_prepare_case_puts_image_and_labels_on_the_model_grid():
     image, mask = sagittal_case()
     normaliser = make_normaliser({"kind": "minmax"})
-    prepared = prepare_case(image, mask, 16, normaliser, label_map={1: 1, 2: 2, 4: 3}, case_id="sag01")
+    prepared = prepare_case(image, mask, 16, normaliser, remap={1: 1, 2: 2, 4: 3}, case_id="sag01")
     assert prepared.image.shape == prepared.mask.shape == (11, 16, 16)  # j (S-I) is the slice axis
     assert prepared.image.dtype == np.float32 and prepared.mask.dtype == np.int64
     assert prepared.image.min() == -1.0 and prepared.image.max() <= 1.0

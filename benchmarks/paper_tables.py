@@ -90,7 +90,8 @@ def make_config(b: dict, informed: bool = True, stage2: bool = True, slice_model
     cfg.data.slice_size = cfg.vae.sample_size = b["size"]
     cfg.diffusion.prediction_type = "v_prediction"  # as configs/demo.yaml: eps needs far more steps
     t = cfg.train
-    t.window, t.batch_size, t.warmup_steps, t.ema_decay = b["window"], 2, min(50, b["stage1"] // 5 + 1), 0.995
+    cfg.window_length = b["window"]
+    t.batch_size, t.warmup_steps, t.ema_decay = 2, min(50, b["stage1"] // 5 + 1), 0.995
     t.lr = t.stage2_lr = t.slice_lr = t.vae_lr = 1e-3
     t.vae_steps, t.stage1_steps = b["vae"], b["stage1"]
     t.stage2_steps = b["stage2"] if stage2 else 0
@@ -523,7 +524,7 @@ def main(argv=None) -> dict:
         sets = {"held": {"GEM-3D": gen("test_gem3d", "gem3d", test_cases, same),
                          "baseline": gen("test_baseline", "baseline", test_cases, same),
                          "no overlapped inpainting": gen("test_no_oi", "gem3d", test_cases, same,
-                                                         inpaint_overlap=False),
+                                                         replace_known=False),
                          "no volumetric tuning": gen("test_no_vt", "gem3d_stage1", test_cases, same)},
                 "samplers": {f"{s}-{k}": gen(f"test_{s}{k}", "gem3d", test_cases, same, sampler=(s, k))
                              for s, k in b["samplers"]},

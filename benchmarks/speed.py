@@ -245,10 +245,10 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         engine = Engine(random_bundle(args.preset, size, tmp), str(device))
         cases = {z: write_case(tmp, z, size, cfg.data.labels) for z in sorted(set(args.z))}
-        eager_unet, eager_autocast = engine.bundle.unet, engine.autocast
+        eager_unet, eager_autocast = engine.bundle.unet, engine.pipeline.autocast
         warmed = set()
         for name, z, sampler, steps, batched, precision, compiled in plan(args, cuda):
-            engine.autocast = eager_autocast if precision != "fp32" or not cuda else contextlib.nullcontext
+            engine.pipeline.autocast = eager_autocast if precision != "fp32" or not cuda else contextlib.nullcontext
             engine.bundle.unet = torch.compile(eager_unet) if compiled else eager_unet
             key = (precision, compiled, batched, z)
             if key not in warmed:  # lazy initialisation and compilation (batch shapes) stay out of the timings
@@ -263,11 +263,11 @@ def main(argv=None) -> dict:
                   f"first window {row['first_window_s']:.2f} s, "
                   f"{row['model_calls']} calls, peak {row['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
     report = {"machine": machine(device), "preset": args.preset, "slice_size": size,
-              "window": cfg.train.window, "weights": "random", "runs": rows, "ratios": ratios(rows, cuda),
+              "window": cfg.window_length, "weights": "random", "runs": rows, "ratios": ratios(rows, cuda),
               "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     m = report["machine"]
     text = "\n".join([
-        f"# Sampling speed: {args.preset} config, {size}x{size} slices, window {cfg.train.window}, random weights",
+        f"# Sampling speed: {args.preset} config, {size}x{size} slices, window {cfg.window_length}, random weights",
         "", f"Machine: {m['device']} | {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads | "
             f"{m['platform']} | Python {m['python']} | torch {m['torch']}",
         f"Command: `{report['command']}`", "", table(rows), "", *[f"- {line}" for line in report["ratios"]],

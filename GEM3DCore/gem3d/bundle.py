@@ -1,11 +1,9 @@
-"""Model bundles: a folder with `bundle.json` and `*.safetensors` weights.
+"""Model bundles: a folder with `bundle.json` (its format: `gem3d.bundle_format`) and
+`*.safetensors` weights.
 
-A bundle is everything the engine needs to run a trained model: the network
-configuration (to rebuild the modules), the data conventions (modality, label
-map, intensity normalisation, slice size, window length, latent scale),
-sampler defaults and provenance. Weights are safetensors, so loading a bundle
-never unpickles anything. Loading checks the format version, the label map and
-every tensor's name and shape, and says precisely what is wrong.
+A bundle is everything the engine needs to run a trained model. Weights are safetensors,
+so loading a bundle never unpickles anything. Loading checks bundle.json and every
+tensor's name and shape, and says precisely what is wrong.
 """
 from __future__ import annotations
 
@@ -22,21 +20,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gem3d import config as config_lib
+from gem3d.bundle_format import (FORMAT, FORMAT_VERSION, PARTS, BundleError, describe_config,
+                                 read_info)
 from gem3d.config import Config
 from gem3d.labels import LabelMap
-
-FORMAT = "gem3d-bundle"
-FORMAT_VERSION = 1
-PARTS = ("vae", "unet", "slice_model")
 
 
 def cpu_tensors(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Detached, contiguous CPU copies: what safetensors can write."""
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-
-
-class BundleError(ValueError):
-    """A bundle folder that cannot be used, with the reason."""
 
 
 @dataclass
@@ -70,34 +62,6 @@ class Bundle:
         return self
 
 
-def describe_config(cfg: Config) -> dict:
-    """The bundle.json summary fields, derived from the configuration (one source of truth)."""
-    return {
-        "modality": cfg.data.modality,
-        "label_map": cfg_label_map(cfg).to_dict(),
-        "intensity": cfg_intensity(cfg),
-        "slice_size": cfg.data.slice_size,
-        "window_length": cfg.train.window,
-        "latent_scale": cfg.vae.scale,
-        "informed_slice": cfg.informed_slice,
-        "sampler": {"name": cfg.diffusion.sampler, "steps": cfg.diffusion.sampling_steps},
-    }
-
-
-def cfg_label_map(cfg: Config) -> LabelMap:
-    return LabelMap(dict(cfg.data.labels), -1 if cfg.mask.outside_body else None)
-
-
-def cfg_intensity(cfg: Config) -> dict:
-    """The `gem3d.intensity.make_normaliser` config of a model configuration."""
-    if cfg.data.modality == "ct":
-        low, high = cfg.data.hu_window
-        return {"kind": "ct_window", "low": float(low), "high": float(high)}
-    if cfg.data.normalisation == "percentile":
-        return {"kind": "percentile", "low": 0.5, "high": 99.5}
-    return {"kind": "minmax"}
-
-
 def save_bundle(path: Union[str, Path], cfg: Config, modules: Dict[str, torch.nn.Module],
                 provenance: dict, overwrite: bool = False) -> Path:
     """Write a bundle atomically (a temporary sibling folder renamed into place)."""
@@ -126,35 +90,6 @@ def save_bundle(path: Union[str, Path], cfg: Config, modules: Dict[str, torch.nn
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def read_info(path: Union[str, Path]) -> dict:
-    """bundle.json, checked for format and consistency (no weights loaded)."""
-    path = Path(path)
-    file = path / "bundle.json"
-    if not file.is_file():
-        raise BundleError(f"{path}: not a model bundle (no bundle.json)")
-    try:
-        info = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{file}: not valid JSON ({err})") from None
-    if info.get("format") != FORMAT:
-        raise BundleError(f"{file}: format is {info.get('format')!r}, expected {FORMAT!r}")
-    version = info.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{file}: format_version {version!r} is not supported by this gem3d "
-                          f"(supports {FORMAT_VERSION}); update gem3d or re-export the bundle")
-    missing = [k for k in ("config", "weights", "provenance", "volumetric") if k not in info]
-    if missing:
-        raise BundleError(f"{file}: missing keys {missing}")
-    try:
-        derived = describe_config(config_lib.from_dict(info["config"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"{file}: invalid configuration: {err}") from None
-    stale = [k for k, v in derived.items() if json.loads(json.dumps(v)) != info.get(k)]
-    if stale:
-        raise BundleError(f"{file}: {stale} disagree with the 'config' section; edit the config, not the summary")
-    return info
 
 
 def _check_tensors(file: Path, module: torch.nn.Module, part: str) -> None:

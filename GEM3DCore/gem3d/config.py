@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union, get_type_hints
 
-import yaml
-
 
 @dataclass
 class DataConfig:
@@ -82,14 +80,14 @@ class SliceModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Noise schedule (LDM "linear" = diffusers "scaled_linear") and sampling defaults."""
+    """Noise schedule (LDM "linear" = diffusers "scaled_linear"), and the step count of a sampler
+    named without steps (the default sampler is `gem3d.sampler_settings`')."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     prediction_type: str = "epsilon"
-    sampler: str = "ddim"
     sampling_steps: int = 200
 
 
@@ -107,7 +105,6 @@ class TrainConfig:
     stage2_steps: int = 1000
     slice_steps: int = 2000
     batch_size: int = 2  # windows (slices for the slice model) per step
-    window: int = 8  # slices per training window = model window length
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     bf16: bool = False
@@ -120,6 +117,7 @@ class TrainConfig:
 class Config:
     name: str = "tiny"
     informed_slice: bool = True  # False: the mask-only "Make-A-Volume" baseline
+    window_length: int = 8  # slices the volume model sees at once: its training and sampling windows
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
@@ -155,6 +153,7 @@ def _tiny() -> Config:
 def _small() -> Config:
     return Config(
         name="small",
+        window_length=16,
         data=DataConfig(slice_size=128),
         vae=VAEConfig(block_out_channels=(64, 128, 128), layers_per_block=2, sample_size=128),
         mask=MaskConfig(encoding="onehot"),
@@ -164,7 +163,7 @@ def _small() -> Config:
                                                      num_res_blocks=2, attention_resolutions=(2, 4))),
         train=TrainConfig(lr=5e-5, stage2_lr=5e-5, slice_lr=5e-5, warmup_steps=500, vae_steps=20000,
                           stage1_steps=50000, stage2_steps=20000, slice_steps=50000, batch_size=2,
-                          window=16, ema_decay=0.9999, bf16=True, checkpoint_every=5000,
+                          ema_decay=0.9999, bf16=True, checkpoint_every=5000,
                           preview_every=2000),
     )
 
@@ -173,6 +172,7 @@ def _paper() -> Config:
     """configs/latent-diffusion/brain_stage{1,2}.yaml and brain_slice.yaml of the official code."""
     return Config(
         name="paper",
+        window_length=16,
         data=DataConfig(slice_size=512),
         vae=kl_f8_config(),
         mask=MaskConfig(encoding="vae"),
@@ -184,7 +184,7 @@ def _paper() -> Config:
             position="crossattn", position_dim=128),
         train=TrainConfig(lr=5e-6, stage2_lr=5e-6, slice_lr=5e-7, warmup_steps=0, vae_steps=0,
                           stage1_steps=150000, stage2_steps=50000, slice_steps=150000, batch_size=1,
-                          window=16, ema_decay=0.9999, bf16=True, checkpoint_every=10000,
+                          ema_decay=0.9999, bf16=True, checkpoint_every=10000,
                           preview_every=20000),
     )
 
@@ -251,9 +251,25 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def from_dict(data: dict) -> Config:
-    """Strict inverse of `to_dict`; a top-level `preset` key starts from that preset."""
+LEGACY_KEYS = (("diffusion", "sampler"),)  # written by older gem3d, never used to choose anything
+LEGACY_MOVES = {("train", "window"): "window_length"}  # older gem3d kept the window length in train
+
+
+def _drop_legacy(data: dict) -> dict:
     data = dict(data)
+    for (section, key), target in list(LEGACY_MOVES.items()) + [(k, None) for k in LEGACY_KEYS]:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            value = data[section][key]
+            data[section] = {k: v for k, v in data[section].items() if k != key}
+            if target is not None:
+                data.setdefault(target, value)
+    return data
+
+
+def from_dict(data: dict) -> Config:
+    """Strict inverse of `to_dict`; a top-level `preset` key starts from that preset; the
+    `LEGACY_KEYS` of older bundles are dropped and `LEGACY_MOVES` moved."""
+    data = _drop_legacy(data)
     if "preset" in data:
         data = _merge(to_dict(preset(data.pop("preset"))), data)
     return _build(Config, data)
@@ -266,6 +282,8 @@ def load_config(path_or_preset: Union[str, Path]) -> Config:
     path = Path(path_or_preset)
     if not path.is_file():
         raise ValueError(f"{path}: not a config file nor a preset ({sorted(PRESETS)})")
+    import yaml  # not needed to read bundles (the editor reads them without PyYAML)
+
     text = path.read_text()
     data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     try:
@@ -275,6 +293,8 @@ def load_config(path_or_preset: Union[str, Path]) -> Config:
 
 
 def save_config(cfg: Config, path: Union[str, Path]) -> None:
+    import yaml
+
     path = Path(path)
     data = to_dict(cfg)
     path.write_text(json.dumps(data, indent=2) if path.suffix == ".json"

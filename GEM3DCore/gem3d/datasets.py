@@ -29,7 +29,6 @@ from .io import Not3DImageError, extension, nifti_nonfinite_count, read_volume
 from .labels import ABDOMEN_CT1K, BRATS, BRATS2023, MSD_BRAIN, LabelMap, UnknownLabelError, present_values
 from .volume import Volume
 
-GEOMETRY_TOLERANCE = 1e-3  # mm (and direction cosines): image and mask must agree this closely
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
@@ -222,7 +221,7 @@ def inspect_case(case: Case, label_map: LabelMap) -> CaseReport:
     if image is not None and mask is not None:
         if image.shape != mask.shape:
             report.problems.append(f"shape mismatch: image {image.shape} vs mask {mask.shape} (z, y, x)")
-        if not image.geometry.allclose(mask.geometry, atol=GEOMETRY_TOLERANCE):
+        if not image.geometry.allclose(mask.geometry):  # the rule of Volume.same_grid
             report.problems.append(f"geometry mismatch: image {image.geometry.describe()} "
                                    f"vs mask {mask.geometry.describe()}")
     return report

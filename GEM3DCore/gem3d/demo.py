@@ -11,13 +11,15 @@ against it.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
 from gem3d import phantom
-from gem3d.engine import Engine
+from gem3d.bundle_format import DEMO_BUNDLE
+from gem3d.engine import Engine, write_outputs
 from gem3d.io import read_volume, write_volume
 from gem3d.montage import montage
 from gem3d.request import GenerateRequest, InformedSpec
@@ -33,11 +35,9 @@ def psnr(a: np.ndarray, b: np.ndarray, data_range: float) -> float:
 
 def run_demo(out: Path, bundle: Optional[str] = None, device: str = "auto", seed: int = 0,
              echo: Callable[[str], None] = print) -> dict:
-    from gem3d.commands.generate import default_bundle, run_request
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    engine = Engine(bundle or default_bundle(), device)
+    engine = Engine(bundle or DEMO_BUNDLE, device)
     size, slices = engine.bundle.slice_size, 2 * engine.bundle.window_length + 8
     data = out / "phantom"
     if not (data / "dataset.json").exists():
@@ -52,9 +52,14 @@ def run_demo(out: Path, bundle: Optional[str] = None, device: str = "auto", seed
                               job_id="demo")
     echo(f"generating a counterfactual (tumour moved to the other hemisphere) with {engine.bundle.path.name} "
          f"on {engine.device}")
-    finished = run_request(engine, request)
-
-    ref, edited, out_volume = read_volume(reference), read_volume(request.mask_out), read_volume(synthetic)
+    t0 = time.perf_counter()
+    ref = read_volume(reference)
+    for event in engine.pipeline.run(ref, read_volume(mask), request):
+        if event["event"] == "window":
+            echo(f"  window {event['start']}:{event['stop']} ({event['direction']}), {event['progress']:.0%}")
+    generated, timings = event["result"], event["timings"]
+    outputs = write_outputs(generated, request, timings, t0)
+    edited, out_volume = generated.mask, generated.image
     truth = json.loads((data / "groundtruth" / "brain_000.json").read_text())
     true_cf = Volume(phantom.render_case(truth, edited.array.astype(np.int16)), ref.geometry)
     write_volume(true_cf, out / "counterfactual_truth.nii.gz", description="SYNTHETIC phantom ground truth",
@@ -68,8 +73,8 @@ def run_demo(out: Path, bundle: Optional[str] = None, device: str = "auto", seed
                     centre_index=centre, window=window, contours=edited)   # outlines: the moved mask
     png = out / "montage.png"
     sheet.save(png)
-    summary = {"outputs": {**finished["outputs"], "truth": str(out / "counterfactual_truth.nii.gz"),
+    summary = {"outputs": {**outputs, "truth": str(out / "counterfactual_truth.nii.gz"),
                            "montage": str(png)},
-               "psnr_vs_true_counterfactual_db": round(score, 2), "timings": finished["timings"]}
+               "psnr_vs_true_counterfactual_db": round(score, 2), "timings": timings}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

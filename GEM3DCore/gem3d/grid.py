@@ -18,13 +18,68 @@ back through a mild blur (about [1/6, 2/3, 1/6] for a large upsampling factor).
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Tuple, Union
 
 import numpy as np
 
 from gem3d.volume import Geometry
 
 KINDS = ("image", "label")
+
+
+def slice_position(z: Union[int, np.ndarray], n_slices: int):
+    """The normalised height of model slice ``z`` (0: most inferior, 1: most superior; 0 for a
+    single slice): the position the slice model, the training windows and informed slices use."""
+    return z / max(n_slices - 1, 1)
+
+
+def position_slice(position: float, n_slices: int) -> int:
+    """The model slice at normalised height ``position``: the inverse of `slice_position`."""
+    return int(round(float(position) * (n_slices - 1)))
+
+
+def _index_axes(direction: np.ndarray) -> Tuple[int, int, int]:
+    """Index axes (0=i/x, 1=j/y, 2=k/z) closest to the model's slice (S-I), row (A-P) and
+    column (R-L) axes."""
+    slice_ax = int(np.argmax(np.abs(direction[2])))
+    rest = [c for c in range(3) if c != slice_ax]
+    row_ax = max(rest, key=lambda c: abs(direction[1, c]))
+    col_ax = rest[0] if rest[1] == row_ax else rest[1]
+    return slice_ax, row_ax, col_ax
+
+
+@dataclass(frozen=True)
+class AxialAxis:
+    """The array axis of a scan whose index numbers its axial slices, and which way it runs.
+
+    ``axis``: 0, 1 or 2 of the (z, y, x) array; ``flipped``: the index runs toward inferior,
+    so model slice z (which runs toward superior) is array index ``n_slices - 1 - z``.
+    """
+
+    axis: int
+    flipped: bool
+    n_slices: int
+
+    @classmethod
+    def of(cls, geometry: Geometry, shape) -> "AxialAxis":
+        slice_ax = _index_axes(geometry.direction)[0]
+        return cls(2 - slice_ax, bool(geometry.direction[2, slice_ax] < 0), int(shape[2 - slice_ax]))
+
+    def model_index(self, index: int) -> int:
+        """The scan's own index along ``axis`` -> the model slice."""
+        if not 0 <= index < self.n_slices:
+            raise ValueError(f"slice {index} is outside the scan's {self.n_slices} slices "
+                             f"(0..{self.n_slices - 1})")
+        return self.n_slices - 1 - index if self.flipped else index
+
+    def reference_index(self, z: int) -> int:
+        """Model slice z -> the scan's own index along ``axis``."""
+        return self.n_slices - 1 - z if self.flipped else z
+
+    def position(self, index: int) -> float:
+        """Normalised height of the scan's own slice ``index`` (see `slice_position`)."""
+        return slice_position(self.model_index(index), self.n_slices)
 
 
 class _PlaneAxis:
@@ -132,12 +187,8 @@ class ModelGrid:
         direction = volume_geometry.direction
         if abs(np.linalg.det(direction)) < 1e-6:
             raise ValueError(f"direction matrix is singular: {volume_geometry.describe()}")
-        # Index axes (0=i/x, 1=j/y, 2=k/z) for the model's slice (S-I), row (A-P), col (R-L).
-        slice_ax = int(np.argmax(np.abs(direction[2])))
-        rest = [c for c in range(3) if c != slice_ax]
-        row_ax = max(rest, key=lambda c: abs(direction[1, c]))
-        col_ax = rest[0] if rest[1] == row_ax else rest[1]
-        index_axes = (slice_ax, row_ax, col_ax)
+        index_axes = _index_axes(direction)
+        slice_ax, row_ax, col_ax = index_axes
         flips = tuple(bool(direction[lps, c] < 0) for lps, c in zip((2, 1, 0), index_axes))
         order = tuple(2 - c for c in index_axes)
 
@@ -160,18 +211,22 @@ class ModelGrid:
         return cls(shape, size, order, flips, rows, cols, model_geometry)
 
     @property
+    def axial(self) -> AxialAxis:
+        return AxialAxis(self.order[0], self.flips[0], self.reference_shape[self.order[0]])
+
+    @property
     def axis(self) -> int:
         """Reference array axis (0, 1, 2) that is the model's slice axis."""
-        return self.order[0]
+        return self.axial.axis
 
     @property
     def flipped(self) -> bool:
         """Whether model slice z runs toward decreasing reference index along ``axis``."""
-        return self.flips[0]
+        return self.axial.flipped
 
     @property
     def n_slices(self) -> int:
-        return self.reference_shape[self.axis]
+        return self.axial.n_slices
 
     @property
     def model_shape(self) -> Tuple[int, int, int]:

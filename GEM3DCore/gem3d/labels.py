@@ -7,8 +7,9 @@ Value 0 is always background; `outside` optionally names an extra value (e.g. -1
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -17,22 +18,38 @@ class UnknownLabelError(ValueError):
     """A mask holds values, or a user asked for names, that the label map does not know."""
 
 
-SYNONYMS = {  # normalised query -> names it may stand for, first present wins
-    "necrosis": ("necrotic core", "non-enhancing tumour"),
-    "necrotic": ("necrotic core", "non-enhancing tumour"),
-    "ncr": ("necrotic core", "non-enhancing tumour"),
-    "net": ("non-enhancing tumour", "necrotic core"),
-    "non-enhancing": ("non-enhancing tumour", "necrotic core"),
-    "ed": ("edema",),
-    "oedema": ("edema",),
-    "et": ("enhancing tumour",),
-    "enhancing": ("enhancing tumour",),
-    "kidneys": ("kidney",),
+# canonical name -> the names a structure goes by, in `normalise_name` form (one spelling rule)
+SYNONYMS: Dict[str, Tuple[str, ...]] = {
+    "necrosis": ("necrosis", "necrotic", "necrotic core", "necrotic tumour core", "ncr", "net",
+                 "ncr net", "non enhancing", "non enhancing tumour", "non enhancing tumour core",
+                 "necrotic and non enhancing tumour core", "necrotic non enhancing tumour core"),
+    "oedema": ("oedema", "ed", "peritumoral oedema", "snfh", "flair hyperintensity",
+               "surrounding non enhancing flair hyperintensity", "surrounding flair hyperintensity"),
+    "enhancing": ("enhancing", "enhancing tumour", "et", "enhancing core", "enhancing tumour core",
+                  "gd enhancing tumour", "contrast enhancing tumour", "neoplasm primary"),
+    "liver": ("liver", "hepar"),
+    "kidney": ("kidney", "kidneys", "left kidney", "right kidney", "kidney left", "kidney right", "renal"),
+    "spleen": ("spleen", "lien"),
+    "pancreas": ("pancreas", "pancreatic"),
 }
+_SPELLINGS = ((r"\btumor\b", "tumour"), (r"\bedema\b", "oedema"), (r"\bnonenhancing\b", "non enhancing"))
 
 
-def _normalise(name: str) -> str:
-    return " ".join(name.lower().replace("_", " ").split()).replace("tumor", "tumour")
+def normalise_name(name: str) -> str:
+    """The one spelling rule for structure names: lower case, punctuation to single spaces,
+    British spellings ("Enhancing_Tumor" -> "enhancing tumour")."""
+    text = re.sub(r"[^a-z0-9]+", " ", (name or "").lower()).strip()
+    for pattern, british in _SPELLINGS:
+        text = re.sub(pattern, british, text)
+    return text
+
+
+_CANONICAL = {normalise_name(s): canonical for canonical, names in SYNONYMS.items() for s in names}
+
+
+def canonical_name(name: str) -> Optional[str]:
+    """'Necrotic core' -> 'necrosis'; None when the name is no known structure."""
+    return _CANONICAL.get(normalise_name(name))
 
 
 @dataclass(frozen=True)
@@ -65,14 +82,25 @@ class LabelMap:
             raise UnknownLabelError(f"{where}: label value(s) {unknown} are not in the label map ({self})")
         return present
 
+    def match(self, name: str) -> Optional[int]:
+        """The value of a structure by name or a usual synonym ("ET", "necrosis"...), any case
+        or spelling; an exact name wins over a synonym. None when nothing matches."""
+        query = normalise_name(name)
+        for value, label in self.names.items():
+            if normalise_name(label) == query:
+                return value
+        canonical = canonical_name(query)
+        for value, label in self.names.items():
+            if canonical is not None and canonical_name(label) == canonical:
+                return value
+        return None
+
     def by_name(self, name: str) -> int:
-        """The value of a structure, by name or a usual synonym ("ET", "necrosis"...), any case."""
-        query = _normalise(name)
-        by_normalised = {_normalise(n): v for v, n in self.names.items()}
-        for candidate in (query,) + SYNONYMS.get(query, ()):
-            if candidate in by_normalised:
-                return by_normalised[candidate]
-        raise UnknownLabelError(f"no label named '{name}' in the label map ({self})")
+        """`match`, or UnknownLabelError naming the label map."""
+        value = self.match(name)
+        if value is None:
+            raise UnknownLabelError(f"no label named '{name}' in the label map ({self})")
+        return value
 
     def to_dict(self) -> dict:
         return {"labels": {str(v): n for v, n in self.names.items()}, "outside": self.outside}

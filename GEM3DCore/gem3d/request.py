@@ -1,20 +1,37 @@
-"""A generation request: what the CLI, the stdio worker and Slicer ask the engine for.
+"""A generation request: what the CLI, the stdio worker, the server and Slicer ask the engine for.
 
-Parsed strictly from JSON-able dicts (docs/worker-protocol.md), so a misspelt
-key is an error naming it rather than a silently ignored option.
+The one schema and the one set of rules (torch-free: the editor builds and checks its
+requests with it before starting a job). Parsed strictly from JSON-able dicts
+(docs/worker-protocol.md), so a misspelt key is an error naming it rather than a silently
+ignored option; every problem of a request is reported at once.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import List, Optional
 
-from gem3d.sampling import SAMPLERS
+from gem3d.sampler_settings import SAMPLERS
 
 INFORMED_SOURCES = ("same", "other", "generated", "fixed")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class RequestError(ValueError):
     """A request that cannot be run, with the reason."""
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _in_unit_interval(value) -> bool:
+    return _is_number(value) and 0.0 <= float(value) <= 1.0
 
 
 @dataclass
@@ -22,7 +39,9 @@ class InformedSpec:
     """Where the informed slice comes from.
 
     ``slice``: an index along the scan's slice axis, in the scan's own array;
-    ``position``: a normalised height in [0, 1] (used when ``slice`` is None).
+    ``position``: a normalised height in [0, 1] (used when ``slice`` is None). With neither,
+    the slice is taken at the first window's centre (same or another scan), and a generated
+    slice at that window's position.
     """
 
     source: str = "same"
@@ -31,15 +50,19 @@ class InformedSpec:
     position: Optional[float] = None
 
     def __post_init__(self):
+        _raise(self.problems())
+
+    def problems(self) -> List[str]:
+        problems = []
         if self.source not in INFORMED_SOURCES:
-            raise RequestError(f"informed.source must be one of {INFORMED_SOURCES}, got {self.source!r}")
+            problems.append(f"informed.source must be one of {INFORMED_SOURCES}, got {self.source!r}")
         if self.source in ("other", "fixed") and not self.scan:
-            raise RequestError(f"informed.source {self.source!r} needs informed.scan (a scan file)")
-        if self.position is not None and not 0.0 <= float(self.position) <= 1.0:
-            raise RequestError(f"informed.position must be in [0, 1], got {self.position}")
-        if self.slice is not None and (isinstance(self.slice, bool) or int(self.slice) != self.slice
-                                       or self.slice < 0):
-            raise RequestError(f"informed.slice must be a non-negative integer, got {self.slice!r}")
+            problems.append(f"informed.source {self.source!r} needs informed.scan (a scan file)")
+        if self.position is not None and not _in_unit_interval(self.position):
+            problems.append(f"informed.position must be in [0, 1], got {self.position!r}")
+        if self.slice is not None and not (_is_int(self.slice) and self.slice >= 0):
+            problems.append(f"informed.slice must be a non-negative integer, got {self.slice!r}")
+        return problems
 
 
 @dataclass
@@ -63,19 +86,61 @@ class GenerateRequest:
     overwrite: bool = False
 
     def __post_init__(self):
-        if self.start is not None and not 0.0 <= float(self.start) <= 1.0:
-            raise RequestError(f"start must be in [0, 1] or null (random), got {self.start}")
+        _raise(self.problems())
+
+    def problems(self) -> List[str]:
+        """Every reason the request's values are unusable (files are `path_problems`)."""
+        problems = [f"{key} is empty" for key in ("reference", "mask", "out", "job_id") if not getattr(self, key)]
+        if self.start is not None and not _in_unit_interval(self.start):
+            problems.append(f"start must be in [0, 1] or null (random), got {self.start!r}")
         if self.augment not in (None, "paper"):
-            raise RequestError(f"augment must be null or 'paper', got {self.augment!r}")
+            problems.append(f"augment must be null or 'paper', got {self.augment!r}")
         if self.sampler is not None and self.sampler not in SAMPLERS:
-            raise RequestError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
-                                       or self.steps < 1):
-            raise RequestError(f"steps must be a positive integer, got {self.steps!r}")
-        if not isinstance(self.edits, list) or not all(isinstance(e, dict) for e in self.edits):
-            raise RequestError("edits must be a list of edit objects such as {\"op\": \"flip\", \"axis\": \"LR\"}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise RequestError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            problems.append(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.steps is not None and not (_is_int(self.steps) and self.steps >= 1):
+            problems.append(f"steps must be a positive integer, got {self.steps!r}")
+        if self.eta is not None and not (_is_number(self.eta) and self.eta >= 0):
+            problems.append(f"eta must be a non-negative number, got {self.eta!r}")
+        if not (_is_int(self.seed) and self.seed >= 0):
+            problems.append(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not (_is_int(self.overlap) and self.overlap >= 1):
+            problems.append(f"overlap must be a positive integer, got {self.overlap!r}")
+        if not isinstance(self.edits, list) or not all(isinstance(e, dict) and "op" in e for e in self.edits):
+            problems.append("edits must be a list of edit objects such as {\"op\": \"flip\", \"axis\": \"LR\"}")
+        if not isinstance(self.device, str) or not (self.device in DEVICES or self.device.startswith("cuda:")):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not isinstance(self.informed, InformedSpec):
+            problems.append("informed must be an InformedSpec")
+        return problems
+
+    def path_problems(self) -> List[str]:
+        """Every reason the request's files are unusable: missing inputs, or an output that
+        would replace an input or an existing file without ``overwrite``."""
+        problems = []
+        scan = self.informed.scan if self.informed.source in ("other", "fixed") else None
+        for key, path in (("reference", self.reference), ("mask", self.mask), ("informed.scan", scan)):
+            if path and not os.path.isfile(path):
+                problems.append(f"the {key} file {path} does not exist")
+        if self.bundle and not os.path.isfile(os.path.join(self.bundle, "bundle.json")):
+            problems.append(f"the model bundle folder {self.bundle} has no bundle.json")
+        inputs = [os.path.realpath(p) for p in (self.reference, self.mask, self.informed.scan) if p]
+        for out in (self.out, self.mask_out):
+            if not out:
+                continue
+            if os.path.realpath(out) in inputs:
+                problems.append(f"the output {out} would overwrite an input scan; choose another path")
+            elif os.path.exists(out) and not self.overwrite:
+                problems.append(f"{out} exists; choose another output path or allow overwriting")
+            if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+                problems.append(f"the output folder {os.path.dirname(os.path.abspath(out))} does not exist")
+        return problems
+
+    def with_absolute_paths(self) -> "GenerateRequest":
+        """The same request with absolute paths (the worker may run in another folder)."""
+        absolute = {key: os.path.abspath(getattr(self, key)) if getattr(self, key) else getattr(self, key)
+                    for key in ("reference", "mask", "out", "mask_out", "bundle")}
+        scan = os.path.abspath(self.informed.scan) if self.informed.scan else self.informed.scan
+        return replace(self, informed=replace(self.informed, scan=scan), **absolute)
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerateRequest":
@@ -99,3 +164,21 @@ class GenerateRequest:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_message(self) -> dict:
+        """The worker's JSON `generate` line (docs/worker-protocol.md)."""
+        return {"type": "generate", **self.to_dict()}
+
+
+def cancel_message(job_id: str) -> dict:
+    """The worker's JSON `cancel` line."""
+    return {"type": "cancel", "job_id": job_id}
+
+
+def new_job_id() -> str:
+    return "j" + uuid.uuid4().hex[:12]
+
+
+def _raise(problems: List[str]) -> None:
+    if problems:
+        raise RequestError("; ".join(problems))

@@ -14,6 +14,8 @@ from typing import Tuple
 import numpy as np
 import SimpleITK as sitk
 
+GRID_TOLERANCE = 1e-3  # mm and direction cosines: file formats' float noise (NIfTI stores float32)
+
 
 @dataclass(frozen=True)
 class Geometry:
@@ -36,8 +38,8 @@ class Geometry:
         return isinstance(other, Geometry) and self.spacing == other.spacing and \
             self.origin == other.origin and np.array_equal(self.direction, other.direction)
 
-    def allclose(self, other: "Geometry", atol: float = 1e-4) -> bool:
-        """Same grid up to float noise of file formats (NIfTI stores float32)."""
+    def allclose(self, other: "Geometry", atol: float = GRID_TOLERANCE) -> bool:
+        """Same geometry up to float noise of file formats."""
         return bool(np.allclose(self.spacing, other.spacing, atol=atol)
                     and np.allclose(self.origin, other.origin, atol=atol)
                     and np.allclose(self.direction, other.direction, atol=atol))
@@ -81,6 +83,11 @@ class Volume:
     @property
     def shape(self) -> Tuple[int, int, int]:
         return tuple(self.array.shape)
+
+    def same_grid(self, other: "Volume") -> bool:
+        """The one grid-equality rule (dataset inspect, training and the engine): same shape, and
+        geometry within `GRID_TOLERANCE`."""
+        return self.shape == other.shape and self.geometry.allclose(other.geometry)
 
     def with_array(self, array: np.ndarray) -> "Volume":
         """The same grid with other voxel values (e.g. a synthetic image or an edited mask)."""

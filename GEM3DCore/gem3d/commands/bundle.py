@@ -19,7 +19,7 @@ def _echo_counts(counts: Dict[str, int]) -> None:
 
 
 def _summary(loaded) -> None:
-    from gem3d.sampling import resolve_sampler
+    from gem3d.sampler_settings import resolve_sampler
 
     info, diffusion = loaded.info, loaded.config.diffusion
     prov = info["provenance"]
@@ -72,7 +72,7 @@ def info(path, config):
         with torch.device("meta"):
             modules = {"vae": build_vae(cfg), "unet": build_unet(cfg, volumetric=True),
                        "slice_model": build_slice_model(cfg)}
-        click.echo(f"config {cfg.name}: {cfg.data.slice_size} px slices, windows of {cfg.train.window}")
+        click.echo(f"config {cfg.name}: {cfg.data.slice_size} px slices, windows of {cfg.window_length}")
         _echo_counts(parameter_counts(modules))
         return
     try:

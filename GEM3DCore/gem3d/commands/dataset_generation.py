@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gem3d.sampling import SAMPLERS
+from gem3d.sampler_settings import SAMPLERS
 
 
 def _distributed():
@@ -21,7 +21,7 @@ def _run(plan, dataset, out, bundle, device, kind):
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from gem3d.commands.generate import default_bundle
+    from gem3d.bundle_format import DEMO_BUNDLE
     from gem3d.dataset_generation import pending, run_jobs, write_dataset_json
     from gem3d.datasets import open_dataset
     from gem3d.engine import Engine
@@ -33,7 +33,7 @@ def _run(plan, dataset, out, bundle, device, kind):
     try:
         source = open_dataset(dataset)
         jobs = plan(source, out)
-        engine = Engine(bundle or default_bundle(), device)
+        engine = Engine(bundle or DEMO_BUNDLE, device)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))
     todo = pending(jobs, out, rank, world)

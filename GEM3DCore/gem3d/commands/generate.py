@@ -7,13 +7,9 @@ from pathlib import Path
 
 import click
 
+from gem3d.bundle_format import DEMO_BUNDLE
 from gem3d.request import INFORMED_SOURCES, GenerateRequest, InformedSpec, RequestError
-from gem3d.sampling import SAMPLERS
-
-
-def default_bundle() -> Path:
-    """The demo bundle shipped inside the package."""
-    return Path(__file__).resolve().parent.parent / "resources" / "demo_bundle"
+from gem3d.sampler_settings import SAMPLERS
 
 
 def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
@@ -79,7 +75,7 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
             informed=InformedSpec(informed, informed_from, informed_slice, informed_position),
             start=start, edits=json.loads(Path(edits).read_text()) if edits else [], augment=augment,
             sampler=sampler, steps=steps, eta=eta, seed=seed, device=device, overwrite=overwrite)
-        engine = Engine(bundle or default_bundle(), device)
+        engine = Engine(bundle or DEMO_BUNDLE, device)
     except (RequestError, ValueError, OSError) as err:
         raise click.ClickException(str(err))
     finished = run_request(engine, request)
@@ -97,4 +93,4 @@ def worker(bundle, device):
     """Serve generation requests: JSON lines on stdin, events on stdout (docs/worker-protocol.md)."""
     from gem3d.worker import main
 
-    sys.exit(main(str(bundle or default_bundle()), device))
+    sys.exit(main(str(bundle or DEMO_BUNDLE), device))

@@ -1,5 +1,5 @@
 """The slice model: a 2D diffusion model that generates an informed-slice latent
-at a normalised height p in [0, 1] (slice index / slice count), for sampling
+at a normalised height p in [0, 1] (`gem3d.grid.slice_position`), for sampling
 when the user has no informed slice.
 
 p enters as the official PositionalEmbedder does it: the sinusoidal embedding

@@ -88,7 +88,7 @@ def official_config(region: str, base: Union[str, Config] = "paper", informed_sl
     data["vae"]["scale"] = LATENT_SCALE
     data["mask"] = {"encoding": "vae", "outside_body": True}
     data["diffusion"] = config_lib.to_dict(config_lib.Config())["diffusion"]  # LDM linear = scaled_linear
-    data["train"]["window"] = 16
+    data["window_length"] = 16
     return config_lib.from_dict(data)
 
 

@@ -1,6 +1,7 @@
 """Where the windows of a volume go, and in which order they are sampled.
 
-The first window starts at ``floor(p * Z)`` (clamped so it fits); then windows go up
+The first window starts at a given slice (`start_slice`: ``floor(p * Z)`` for a start position
+p, clamped so the window fits); then windows go up
 (increasing z) and down, each overlapping the previous one by ``overlap`` slices.  The last
 window of a direction ends exactly at the volume edge, so it may overlap more: every
 already generated slice inside a window is a known frame.  The informed slice of a window
@@ -49,15 +50,22 @@ class WindowPlan:
         return [w for group in self.rounds for w in group]
 
 
-def plan_windows(Z: int, n: int, start_p: float, overlap: int = 1) -> WindowPlan:
-    """Plan the windows for ``Z`` slices, window length ``n``, start position ``start_p``."""
+def start_slice(position: float, Z: int, n: int) -> int:
+    """The first slice of the first window for a start position in [0, 1]."""
+    if not 0.0 <= position <= 1.0:
+        raise ValueError(f"start position must be in [0, 1], got {position}")
+    return max(min(math.floor(position * Z), Z - n), 0)
+
+
+def plan_windows(Z: int, n: int, start: int, overlap: int = 1) -> WindowPlan:
+    """Plan the windows for ``Z`` slices, windows of ``n`` slices, the first one at slice ``start``."""
     if Z < n:
         raise ValueError(f"the volume has {Z} slices, fewer than the window length {n}")
-    if not 0.0 <= start_p <= 1.0:
-        raise ValueError(f"start position must be in [0, 1], got {start_p}")
+    if isinstance(start, bool) or int(start) != start or not 0 <= start <= Z - n:
+        raise ValueError(f"the first window's start slice must be an integer in 0..{Z - n}, got {start}")
     if not 1 <= overlap < n:
         raise ValueError(f"overlap must be in 1..{n - 1} for windows of {n} slices, got {overlap}")
-    s0 = min(math.floor(start_p * Z), Z - n)
+    s0 = int(start)
     first = Window(s0, s0 + n, "first")
 
     up, prev = [], first

@@ -17,7 +17,7 @@ Choices, and why:
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 from diffusers import (
     DDIMScheduler,
@@ -28,23 +28,7 @@ from diffusers import (
 )
 
 from gem3d.config import DiffusionConfig
-
-SAMPLERS = ("ddim", "dpm++", "unipc")
-PRESETS = {
-    "paper": {"name": "ddim", "steps": 200, "eta": 1.0},
-    "fast": {"name": "dpm++", "steps": 20},
-}
-DEFAULT_PRESET = "fast"
-
-
-def resolve_sampler(diffusion: DiffusionConfig, name: Optional[str] = None,
-                    steps: Optional[int] = None) -> Tuple[str, int]:
-    """The sampler and step count a request gets: the fast preset unless another sampler is
-    named; a named sampler without steps gets the config's ``sampling_steps``."""
-    fast = PRESETS[DEFAULT_PRESET]
-    name = name or fast["name"]
-    return name, steps or (fast["steps"] if name == fast["name"] else diffusion.sampling_steps)
-
+from gem3d.sampler_settings import SAMPLERS
 
 NOISE_PROCESS_FIELDS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
 

@@ -14,14 +14,14 @@ import torch
 from torch.utils.data import DistributedSampler, default_collate
 
 from gem3d.body import with_outside_label
-from gem3d.bundle import cfg_intensity, cfg_label_map
+from gem3d.bundle_format import cfg_intensity, cfg_label_map
 from gem3d.config import Config
 from gem3d.datasets import open_dataset
 from gem3d.intensity import make_normaliser
 from gem3d.io import read_volume
 from gem3d.labels import LabelMap, UnknownLabelError
 from gem3d.models import encode_masks, encode_slices
-from gem3d.windows import PreparedCase, SliceDataset, WindowDataset, prepare_case
+from gem3d.training.examples import PreparedCase, SliceDataset, WindowDataset, prepare_case
 
 
 @dataclass

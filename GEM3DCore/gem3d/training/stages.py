@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gem3d.config import Config
-from gem3d.informed import generate_latent
+from gem3d.grid import slice_position
 from gem3d.models import decode_latents, encode_slices, is_volumetric, volume_condition
-from gem3d.sampling import make_training_scheduler, plan_windows, propagate, scheduler_factory
+from gem3d.sampling import generate_latent, make_training_scheduler, plan_windows, propagate, scheduler_factory
 from gem3d.training.data import LatentCache, LatentSlices, LatentWindows
 from gem3d.training.previews import save_rows
-from gem3d.windows import PreparedCase, SliceDataset
+from gem3d.training.examples import PreparedCase, SliceDataset
 
 KL_WEIGHT = 1e-6  # per-sample summed KL vs mean L1: keeps latents bounded, barely blurs
 PREVIEW_STEPS = 25  # DDIM steps of a preview sample
@@ -130,8 +130,8 @@ def _device(module: nn.Module) -> torch.device:
 
 
 def _preview_slices(case: PreparedCase, cfg: Config) -> np.ndarray:
-    """`train.window` slice indices spread over the case, for slice-wise previews."""
-    return np.linspace(0, case.n_slices - 1, cfg.train.window).round().astype(int)
+    """`window_length` slice indices spread over the case, for slice-wise previews."""
+    return np.linspace(0, case.n_slices - 1, cfg.window_length).round().astype(int)
 
 
 def vae_stage(cfg: Config, vae: nn.Module, cases: List[PreparedCase]) -> Stage:
@@ -145,12 +145,12 @@ def vae_stage(cfg: Config, vae: nn.Module, cases: List[PreparedCase]) -> Stage:
         return save_rows([("truth", case.image[z], "image"), ("vae", _numpy(rec[:, 0]), "image")], path)
 
     return Stage("vae", vae, VAELoss(vae), dict(vae.named_parameters()), SliceDataset(cases),
-                 cfg.train.batch_size * cfg.train.window, cfg.train.vae_steps, cfg.train.vae_lr, preview)
+                 cfg.train.batch_size * cfg.window_length, cfg.train.vae_steps, cfg.train.vae_lr, preview)
 
 
 def _window_preview(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentCache) -> Callable[[Path], Path]:
     """A DDIM sample of the middle window of the first case, given its mask and middle slice."""
-    case, n = cache.cases[0], cfg.train.window
+    case, n = cache.cases[0], cfg.window_length
     start = max((case.n_slices - n) // 2, 0)
     window = slice(start, start + n)
 
@@ -163,7 +163,7 @@ def _window_preview(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentC
         def denoiser(x, t, mask, informed_latent):
             return unet(x, t, volume_condition(mask, informed_latent if cfg.informed_slice else None)).float()
 
-        run = propagate(denoiser, masks, informed, plan_windows(n, n, 0.0),
+        run = propagate(denoiser, masks, informed, plan_windows(n, n, 0),
                         scheduler_factory("ddim", PREVIEW_STEPS, cfg.diffusion),
                         torch.Generator(device).manual_seed(cfg.train.seed))
         for _ in run:
@@ -178,7 +178,7 @@ def _window_preview(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentC
 def stage1(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentCache) -> Stage:
     t = cfg.train
     return Stage("stage1", unet, WindowLoss(unet, cfg, shared_timestep=False), dict(unet.named_parameters()),
-                 LatentWindows(cache, t.window, t.seed), t.batch_size, t.stage1_steps, t.lr,
+                 LatentWindows(cache, cfg.window_length, t.seed), t.batch_size, t.stage1_steps, t.lr,
                  _window_preview(cfg, unet, vae, cache))
 
 
@@ -191,7 +191,7 @@ def stage2(cfg: Config, unet: nn.Module, vae: nn.Module, cache: LatentCache) -> 
         p.requires_grad_(True)
     t = cfg.train
     return Stage("stage2", unet, WindowLoss(unet, cfg, shared_timestep=True), trainable,
-                 LatentWindows(cache, t.window, t.seed), t.batch_size, t.stage2_steps, t.stage2_lr,
+                 LatentWindows(cache, cfg.window_length, t.seed), t.batch_size, t.stage2_steps, t.stage2_lr,
                  _window_preview(cfg, unet, vae, cache))
 
 
@@ -206,7 +206,7 @@ def slice_stage(cfg: Config, model: nn.Module, vae: nn.Module, cache: LatentCach
         generator = torch.Generator(device).manual_seed(cfg.train.seed)
         shape = tuple(cache.images[0].shape[1:])
         latents = torch.stack([
-            generate_latent(model, k / max(case.n_slices - 1, 1), shape, factory, generator,
+            generate_latent(model, slice_position(k, case.n_slices), shape, factory, generator,
                             cache.masks[0][k][None].to(device) if cfg.slice_model.mask_conditioned else None)
             for k in z])
         sample = decode_latents(vae, latents.float(), cfg.vae.scale)
@@ -214,4 +214,4 @@ def slice_stage(cfg: Config, model: nn.Module, vae: nn.Module, cache: LatentCach
         return save_rows([("truth", case.image[z], "image"), *mask, ("sample", _numpy(sample[:, 0]), "image")], path)
 
     return Stage("slice", model, SliceLoss(model, cfg), dict(model.named_parameters()), LatentSlices(cache),
-                 cfg.train.batch_size * cfg.train.window, cfg.train.slice_steps, cfg.train.slice_lr, preview)
+                 cfg.train.batch_size * cfg.window_length, cfg.train.slice_steps, cfg.train.slice_lr, preview)

@@ -13,7 +13,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from gem3d.grid import ModelGrid
+from gem3d.grid import ModelGrid, slice_position
 from gem3d.intensity import Normaliser
 from gem3d.volume import Volume
 
@@ -43,19 +43,19 @@ class PreparedCase:
         return self.image.shape[0]
 
 
-def _remap_labels(mask: np.ndarray, label_map: Optional[Mapping[int, int]], case_id: str) -> np.ndarray:
-    """Integer labels, mapped through ``label_map`` (source value -> model label; 0 is background)."""
+def _remap_labels(mask: np.ndarray, remap: Optional[Mapping[int, int]], case_id: str) -> np.ndarray:
+    """Integer labels, mapped through ``remap`` (source value -> model label; 0 is background)."""
     values = np.unique(mask)
     if not np.all(values == np.round(values)):
         raise ValueError(f"case {case_id}: mask has non-integer values {values[values != np.round(values)][:5]}")
     mask = mask.astype(np.int64)
-    if label_map is None:
+    if remap is None:
         return mask
-    unknown = sorted(int(v) for v in values if v != 0 and int(v) not in label_map)
+    unknown = sorted(int(v) for v in values if v != 0 and int(v) not in remap)
     if unknown:
         raise ValueError(f"case {case_id}: mask has labels {unknown} that the label map "
-                         f"{dict(label_map)} does not know")
-    lookup = {0: 0, **{int(k): int(v) for k, v in label_map.items()}}
+                         f"{dict(remap)} does not know")
+    lookup = {0: 0, **{int(k): int(v) for k, v in remap.items()}}
     out = np.zeros_like(mask)
     for source in values:
         out[mask == source] = lookup[int(source)]
@@ -63,15 +63,15 @@ def _remap_labels(mask: np.ndarray, label_map: Optional[Mapping[int, int]], case
 
 
 def prepare_case(image: Volume, mask: Volume, size: int, normaliser: Normaliser,
-                 label_map: Optional[Mapping[int, int]] = None, case_id: str = "case") -> PreparedCase:
+                 remap: Optional[Mapping[int, int]] = None, case_id: str = "case") -> PreparedCase:
     """Put an image and its mask on the model grid; the image is normalised before resampling
     and padded with -1 (the normalised floor, i.e. background)."""
-    if image.shape != mask.shape or not image.geometry.allclose(mask.geometry):
+    if not image.same_grid(mask):
         raise ValueError(f"case {case_id}: mask grid ({mask.shape}, {mask.geometry.describe()}) differs "
                          f"from the image grid ({image.shape}, {image.geometry.describe()})")
     grid = ModelGrid.fit(image.geometry, image.shape, size)
     params = normaliser.fit(image.array)
-    labels = _remap_labels(np.asarray(mask.array), label_map, case_id)
+    labels = _remap_labels(np.asarray(mask.array), remap, case_id)
     return PreparedCase(case_id,
                         grid.to_model(normaliser.forward(image.array, params), "image", pad_value=-1.0),
                         grid.to_model(labels, "label", pad_value=0),
@@ -79,8 +79,7 @@ def prepare_case(image: Volume, mask: Volume, size: int, normaliser: Normaliser,
 
 
 def _positions(slices: np.ndarray, n_slices: int) -> np.ndarray:
-    """Normalised slice positions z / (Z - 1) in [0, 1] (0 for a single-slice case)."""
-    return (slices / max(n_slices - 1, 1)).astype(np.float32)
+    return np.asarray(slice_position(slices, n_slices), dtype=np.float32)
 
 
 class WindowDataset(torch.utils.data.Dataset):
