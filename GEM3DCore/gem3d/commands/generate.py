@@ -64,8 +64,12 @@ def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
 @click.option("--mask-out", type=click.Path(dir_okay=False), default=None,
               help="Also write the mask that was used (after edits).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (never an input).")
+@click.option("--conventions", type=click.Choice(["gem3d", "official"]), default=None,
+              help="Inference conventions (default: the bundle's, else gem3d): official = the GEM-3D scripts' "
+                   "exactly (VAE channel 0, LDM's final alpha-bar, posterior-sampled conditioning, slice-model "
+                   "position at the start slice). README: 'Official conventions'.")
 def generate(bundle, mask, reference, informed, informed_from, informed_slice, informed_position, start, edits,
-             augment, sampler, steps, eta, seed, device, out, mask_out, overwrite):
+             augment, sampler, steps, eta, seed, device, out, mask_out, overwrite, conventions):
     """Generate a synthetic volume from a mask and an informed slice."""
     from gem3d.engine import Engine
 
@@ -75,7 +79,7 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
             informed=InformedSpec(informed, informed_from, informed_slice, informed_position),
             start=start, edits=json.loads(Path(edits).read_text()) if edits else [], augment=augment,
             sampler=sampler, steps=steps, eta=eta, seed=seed, device=device, overwrite=overwrite)
-        engine = Engine(bundle or DEMO_BUNDLE, device)
+        engine = Engine(bundle or DEMO_BUNDLE, device, conventions)
     except (RequestError, ValueError, OSError) as err:
         raise click.ClickException(str(err))
     finished = run_request(engine, request)
