@@ -184,14 +184,19 @@ def case_differences(a: dict, b: dict) -> Dict[str, dict]:
 
 
 def normalised_means(image: np.ndarray, truth: dict, labels: np.ndarray) -> Dict[str, float]:
-    """Mean min-max-normalised intensity ([-1, 1]) of pure healthy white and grey matter."""
+    """Mean min-max-normalised intensity ([-1, 1]) of healthy white and grey matter: voxels of
+    that tissue (fraction > 0.95; > 0.5 on grids too coarse to hold 5 such voxels)."""
     from gem3d import phantom
 
     tissue = phantom.build_anatomy("brain", truth["patient"], image.shape,
                                    tuple(truth["geometry"]["spacing"]))
     x = (image - image.min()) / max(float(np.ptp(image)), 1e-6) * 2 - 1
     healthy = labels == 0
-    return {t: float(x[healthy & (tissue[t] > 0.95)].mean()) for t in ("wm", "gm")}
+    out = {}
+    for t in ("wm", "gm"):
+        where = healthy & (tissue[t] > 0.95)
+        out[t] = float(x[where if where.sum() >= 5 else healthy & (tissue[t] > 0.5)].mean())
+    return out
 
 
 def contrast_of(folder: Path, data: Path, suffix: str = "_syn00") -> Dict[str, Dict[str, float]]:
