@@ -46,11 +46,27 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
     assert "## Table 2 analogue" in text and "## Downstream" in text
     diff = report["paired_differences"]["GEM-3D - baseline"]["psnr"]
     assert diff["cases"] == report["budget"]["test"] and 0 <= diff["ahead"] <= diff["cases"]
+    assert diff["ci95"][0] <= diff["mean"] <= diff["ci95"][1] and 0 < diff["sign_p"] <= 1
     t2 = report["table2"]
     assert abs(diff["mean"] - (t2["GEM-3D"]["paired"]["psnr"] - t2["baseline"]["paired"]["psnr"])) < 1e-9
-    assert "| GEM-3D - baseline | " in text
+    assert "| GEM-3D - baseline | " in text and "p " in text
+    # the multi-site testbed: informed slice from the same case / site / another site / the slice model,
+    # the contrast check on the other-site swap, and harmonisation's across-site spread before and after
+    assert set(report["informed"]) == {"same case", "another patient, same site", "another site", "slice model"}
+    check = report["informed_check"]["wm"]
+    assert check["cases"] == report["budget"]["test"] and check["mean_abs_d_in"] > 0
+    assert set(report["harmonisation"]) == {"before", "after", "dice_before", "dice_after"}
+    assert report["harmonisation"]["before"]["wm_across_sites"] > 0
+    assert "## Informed slice" in text and "## Harmonisation" in text
     for suffix in ("montage", "table1", "samplers", "downstream"):
         assert (tmp_path / f"paper_tables_quick_{suffix}.png").stat().st_size > 1000
+    # resumable by stage: a second run re-uses every stage's results instead of redoing them
+    done = tmp_path / "work" / "synthetic" / "test_gem3d.done.json"
+    stamp = done.stat().st_mtime_ns
+    again = run("paper_tables.py", "--quick", "--stage", "generate", "--out-dir", str(tmp_path),
+                "--work", str(tmp_path / "work"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert done.stat().st_mtime_ns == stamp and "generated test_gem3d" in again.stderr
 
 
 @pytest.mark.slow

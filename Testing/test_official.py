@@ -10,6 +10,7 @@ import sys
 import types
 import uuid
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -305,3 +306,80 @@ def test_mismatched_vae_or_schedule_is_refused(official_files, tmp_path):
         import_official(tmp_path / "y", f / "stage2.ckpt", "brain", slice_model=tmp_path / "slice_ddpm.ckpt",
                         base=small_base())
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_official_conventions_import_the_raw_slice_weights(official_files, tmp_path):
+    from gem3d.cli import main
+
+    f = official_files["folder"]
+    args = ["import-official", "--volume", str(f / "stage2.ckpt"), "--slice", str(f / "slice.ckpt"),
+            "--preset", "brain", "--config", str(f / "small.yaml")]
+    result = CliRunner().invoke(main, args + ["--out", str(tmp_path / "official"), "--conventions", "official"])
+    assert result.exit_code == 0, result.output
+    assert "conventions: official" in result.output and "EMA present but not used" in result.output
+    bundle = load_bundle(tmp_path / "official")
+    slice_state = bundle.slice_model.state_dict()
+    assert all(torch.equal(slice_state["unet." + k], v) for k, v in official_files["slice"].items())  # raw, not EMA
+    assert bundle.info["provenance"]["conventions"] == {
+        "name": "official", "slice_weights": "raw", "decode": "channel-0", "ddim_final_alpha": "ldm",
+        "conditioning": "posterior-sample", "position": "start-slice"}
+    ours = read_info(import_official(tmp_path / "ours", f / "stage2.ckpt", "brain", slice_model=f / "slice.ckpt",
+                                     base=small_base()))
+    assert ours["provenance"]["conventions"]["name"] == "gem3d"
+    refused = CliRunner().invoke(main, args + ["--out", str(tmp_path / "no"), "--conventions", "official",
+                                               "--weights", "ema"])
+    assert refused.exit_code != 0 and "contradicts --conventions official" in refused.output
+    assert not (tmp_path / "no").exists()
+
+
+def test_decode_keeps_channel_0_under_the_official_conventions():
+    from gem3d.conventions import get
+    from gem3d.models import decode_latents
+
+    cfg = small_base()
+    torch.manual_seed(0)
+    vae = build_vae(cfg).eval()
+    z = torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        rgb = vae.decode(z / 0.18215).sample
+        ours, official = (decode_latents(vae, z, 0.18215, channel=get(name).decode_channel)
+                          for name in ("gem3d", "official"))
+    assert rgb.shape[1] == 3 and not torch.allclose(rgb[:, 0], rgb[:, 1])       # the channels differ
+    assert torch.equal(official, rgb[:, :1]) and torch.allclose(ours, rgb.mean(1, keepdim=True))
+
+
+def test_ddim_ends_at_ldms_alpha_bar_under_the_official_conventions():
+    from gem3d.conventions import get
+    from gem3d.sampling.schedulers import make_scheduler
+
+    ours, official = (make_scheduler("ddim", 10, alpha_to_one=get(n).alpha_to_one) for n in ("gem3d", "official"))
+    assert float(ours.final_alpha_cumprod) == 1.0
+    assert float(official.final_alpha_cumprod) == pytest.approx(1 - 0.00085, abs=1e-6)   # alpha-bar(t=0)
+
+
+def test_generate_with_the_official_conventions(tiny_bundle, brain_phantom, tmp_path):
+    from gem3d.engine import Engine
+    from gem3d.grid import slice_position
+    from gem3d.io import read_volume
+    from gem3d.request import GenerateRequest, InformedSpec
+
+    def generate(conventions, name):
+        out = tmp_path / f"{name}.nii.gz"
+        request = GenerateRequest(reference=str(brain_phantom / "imagesTr" / "brain_000_0000.nii.gz"),
+                                  mask=str(brain_phantom / "labelsTr" / "brain_000.nii.gz"), out=str(out),
+                                  informed=InformedSpec("generated"), start=0.5, sampler="ddim", steps=3, seed=4)
+        events = list(Engine(tiny_bundle, "cpu", conventions).generate(request))
+        assert events[-1]["event"] == "finished", events[-1]
+        record = json.loads(out.with_name(f"{name}.provenance.json").read_text())
+        return read_volume(out).array, record, events[0]
+
+    ours, ours_record, started = generate(None, "ours")
+    official, record, _ = generate("official", "official")
+    again, _, _ = generate("official", "again")
+    assert ours_record["conventions"]["name"] == "gem3d" and record["conventions"]["name"] == "official"
+    z = 12                                             # the phantom's slices; window 4, start 0.5 -> slice 6
+    assert record["informed_slice"]["position"] == pytest.approx(slice_position(6, z))            # start slice
+    assert ours_record["informed_slice"]["position"] == pytest.approx(slice_position(6 + 2, z))   # window centre
+    assert not np.allclose(ours, official) and np.array_equal(official, again)   # sampled, but seeded
+    with pytest.raises(ValueError, match="unknown conventions"):
+        Engine(tiny_bundle, "cpu", "authors")

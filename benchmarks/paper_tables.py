@@ -1,4 +1,5 @@
-"""GEM-3D's evaluation, re-run at CPU scale on phantom brains (ground truth known).
+"""GEM-3D's evaluation, re-run at CPU scale on phantom brains (ground truth known), with
+multi-site phantoms (`gem3d phantom --sites`) where the budget says so.
 
 Trains a small GEM-3D and the mask-only baseline (config ``informed_slice: false``, the
 paper's Make-A-Volume-style baseline; same VAE, same steps) with the training code, then:
@@ -14,9 +15,21 @@ paper's Make-A-Volume-style baseline; same VAE, same steps) with the training co
   (quality and seconds per volume).
 - Downstream (Appendix E): a tiny segmenter trained on real, GEM-3D re-samples (1x, 2x,
   3x), real + 3x, and baseline reconstructions; Dice on the held-out real cases.
+- Informed slice (held-out): from the same case, another patient of the same site, a case of
+  another site, or the slice model; and the check that an informed slice from another site
+  moves the output's contrast toward that site (slope of the output's change in normalised
+  white/grey-matter means on the informed case's difference: 0 = ignored, 1 = carried).
+- Harmonisation: every held-out case generated from one fixed informed slice (`gem3d
+  harmonize`'s plan); across-site spread of normalised tissue means before and after, and
+  mask adherence kept.
+Paired per-case differences: mean, 95 % bootstrap CI, exact two-sided sign test.
 
   python benchmarks/paper_tables.py               # default budget, ~25 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget quick --out-dir /tmp/pt   # seconds (CI smoke)
+  python benchmarks/paper_tables.py --budget paper64 --stage data      # then train, generate, report
+
+Stages (``--stage``): data, train, generate, report, or all. Every stage keeps its results in
+--work and skips what is there, so a run stopped anywhere resumes where it stopped.
 
 Deviations from the paper, for CPU scale: v-prediction instead of eps (as configs/demo.yaml:
 an eps model has not learnt the high-noise end after a few thousand steps), one-hot mask
@@ -48,13 +61,22 @@ from speed import machine  # noqa: E402  (one definition of "the machine")
 
 LABELS = {1: "necrosis", 2: "edema", 4: "enhancing"}
 BUDGETS = {
-    "quick": dict(train=3, test=2, size=32, slices=12, window=4, vae=10, stage1=10, stage2=5, slice=5,
+    "quick": dict(train=4, test=4, size=32, slices=12, window=4, vae=10, stage1=10, stage2=5, slice=5,
                   sampler=("dpm++", 2), samplers=(("ddim", 3), ("dpm++", 2), ("unipc", 2)),
-                  seg_steps=10, resamples=3, planes=8),
+                  seg_steps=10, resamples=3, planes=8, sites=2),
     "default": dict(train=12, test=6, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500, slice=3000,
                     sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
-                    seg_steps=400, resamples=3, planes=16),
+                    seg_steps=400, resamples=3, planes=16, sites=0),
+    # Closer to the paper: 64x64 slices, windows of 16, 24 training / 12 held-out cases at 4 sites.
+    # CPU budget (2 cores, estimated from `default`'s measured 15 min for its training at 1/8 the
+    # voxels per step): training ~3-4 h in four stages (VAE, stage 1, stage 2 + slice model,
+    # baseline), generation ~1.5 h, report ~1 h; each stage under an hour except training, which
+    # resumes per model (`--stage train` again after a stop).
+    "paper64": dict(train=24, test=12, size=64, slices=48, window=16, vae=1000, stage1=3000, stage2=800,
+                    slice=1500, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
+                    seg_steps=400, resamples=3, planes=16, sites=4),
 }
+STAGES = ("data", "train", "generate", "report")
 SETTINGS = ("ic", "icma", "ig", "igma")
 
 
@@ -140,15 +162,84 @@ def evaluate_set(real: Path, synthetic: Path, paired: bool, planes: int) -> dict
             "cases": {r["case"]: {k: r[k] for k in ("psnr", "ssim", "ms_ssim") if k in r} for r in report["cases"]}}
 
 
+def paired_stats(d: np.ndarray, resamples: int = 2000) -> dict:
+    """Mean of paired per-case differences, its 95 % bootstrap CI (percentile, seeded), how
+    many cases are ahead, and the exact two-sided sign test p (ties dropped)."""
+    from scipy.stats import binomtest
+
+    d = np.asarray(d, dtype=np.float64)
+    boot = np.random.default_rng(0).choice(d, (resamples, len(d))).mean(1)
+    ahead, behind = int((d > 0).sum()), int((d < 0).sum())
+    p = binomtest(ahead, ahead + behind, 0.5).pvalue if ahead + behind else 1.0
+    return {"mean": float(d.mean()), "ci95": [float(v) for v in np.percentile(boot, [2.5, 97.5])],
+            "ahead": ahead, "cases": int(len(d)), "sign_p": float(p)}
+
+
 def case_differences(a: dict, b: dict) -> Dict[str, dict]:
-    """Paired per-case differences a - b of the held-out metrics: mean, standard deviation, and
-    in how many cases a is ahead, so that a small mean gap can be told from noise."""
+    """Paired per-case differences a - b of the held-out metrics, so that a small mean gap can
+    be told from noise."""
     shared = sorted(set(a["cases"]) & set(b["cases"]))
+    return {metric: paired_stats([a["cases"][c][metric] - b["cases"][c][metric] for c in shared])
+            for metric in ("psnr", "ssim", "ms_ssim")}
+
+
+def normalised_means(image: np.ndarray, truth: dict, labels: np.ndarray) -> Dict[str, float]:
+    """Mean min-max-normalised intensity ([-1, 1]) of healthy white and grey matter: voxels of
+    that tissue (fraction > 0.95; > 0.5 on grids too coarse to hold 5 such voxels)."""
+    from gem3d import phantom
+
+    tissue = phantom.build_anatomy("brain", truth["patient"], image.shape,
+                                   tuple(truth["geometry"]["spacing"]))
+    x = (image - image.min()) / max(float(np.ptp(image)), 1e-6) * 2 - 1
+    healthy = labels == 0
     out = {}
-    for metric in ("psnr", "ssim", "ms_ssim"):
-        d = np.array([a["cases"][c][metric] - b["cases"][c][metric] for c in shared])
-        out[metric] = {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                       "ahead": int((d > 0).sum()), "cases": len(d)}
+    for t in ("wm", "gm"):
+        where = healthy & (tissue[t] > 0.95)
+        out[t] = float(x[where if where.sum() >= 5 else healthy & (tissue[t] > 0.5)].mean())
+    return out
+
+
+def contrast_of(folder: Path, data: Path, suffix: str = "_syn00") -> Dict[str, Dict[str, float]]:
+    """normalised_means of each case in `folder` (<case><suffix>_0000.nii.gz; suffix "" for
+    the real data), with the phantom's anatomy from data/groundtruth."""
+    from gem3d.io import read_volume
+
+    out = {}
+    for truth_file in sorted((data / "groundtruth").glob("*.json")):
+        truth, case = json.loads(truth_file.read_text()), truth_file.stem
+        image = folder / "imagesTr" / f"{case}{suffix}_0000.nii.gz"
+        if image.exists():
+            labels = read_volume(data / "labelsTr" / f"{case}.nii.gz").array
+            out[case] = {**normalised_means(read_volume(image).array.astype(np.float32), truth, labels),
+                         "site": truth.get("site", 0)}
+    return out
+
+
+def informed_check(test: Path, same: Path, other_site: Path, partner: Dict[str, str]) -> dict:
+    """Does an informed slice from another site move the output's contrast? Per case and tissue:
+    d_out = output(other site) - output(same), d_in = partner's real - own real (normalised means).
+    slope (least squares through 0) 0: the model ignores the informed slice; 1: carries it fully."""
+    real, a, b = contrast_of(test, test, ""), contrast_of(same, test), contrast_of(other_site, test)
+    out = {}
+    for t in ("wm", "gm"):
+        cases = [c for c in partner if c in a and c in b]
+        d_in = np.array([real[partner[c]][t] - real[c][t] for c in cases])
+        d_out = np.array([b[c][t] - a[c][t] for c in cases])
+        out[t] = {"slope": float(d_in @ d_out / max(float(d_in @ d_in), 1e-12)),
+                  "mean_abs_d_in": float(np.abs(d_in).mean()), "mean_abs_d_out": float(np.abs(d_out).mean()),
+                  "same_sign": int((np.sign(d_in) == np.sign(d_out)).sum()), "cases": len(cases),
+                  "abs_d_out": paired_stats(np.abs(d_out))}
+    return out
+
+
+def site_spread(contrast: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Across-site sd of the site means (and across-case sd) of normalised wm/gm means."""
+    out = {}
+    for t in ("wm", "gm"):
+        sites = sorted({v["site"] for v in contrast.values()})
+        means = [np.mean([v[t] for v in contrast.values() if v["site"] == s]) for s in sites]
+        out[f"{t}_across_sites"] = float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
+        out[f"{t}_across_cases"] = float(np.std([v[t] for v in contrast.values()], ddof=1))
     return out
 
 
@@ -184,7 +275,9 @@ def write_montage(test: Path, folders: Dict[str, Path], out: Path) -> None:
     mask, real = read_volume(case.mask), read_volume(case.image)
     rows = [("real", real, "image")]
     for title, folder in folders.items():
-        rows.append((title, read_volume(folder / "imagesTr" / f"{case.case_id}_syn00_0000.nii.gz"), "image"))
+        image = next(p for p in (folder / "imagesTr" / f"{case.case_id}{s}_0000.nii.gz" for s in ("_syn00", ""))
+                     if p.exists())
+        rows.append((title, read_volume(image), "image"))
     lesion = np.argwhere(mask.array > 0)
     centre = lesion.mean(0).round().astype(int) if len(lesion) else None
     montage(rows, centre_index=centre, window=tuple(np.percentile(real.array, [1, 99.5])), contours=mask).save(out)
@@ -245,9 +338,10 @@ def markdown(report: dict) -> str:
     lines = [f"# GEM-3D paper tables at CPU scale (budget `{b['name']}`)", "",
              f"Machine: {m['device']} | {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads | "
              f"{m['platform']} | torch {m['torch']}",
-             f"Command: `{report['command']}`; total {report['wall_s'] / 60:.1f} min "
-             f"(training {report['phases']['train'] / 60:.1f} min)",
-             f"Data: phantom brains, {b['train']} training / {b['test']} held-out cases, {b['size']}x{b['size']}x"
+             f"Command: `{report['command']}`; stage minutes: "
+             + ", ".join(f"{k} {v / 60:.1f}" for k, v in report["phases"].items()),
+             f"Data: phantom brains ({b['sites']} sites), {b['train']} training / {b['test']} held-out cases, "
+             f"{b['size']}x{b['size']}x"
              f"{b['slices']}; window {b['window']}; steps VAE {b['vae']}, stage 1 {b['stage1']}, stage 2 "
              f"{b['stage2']}, slice model {b['slice']}; main sampler {b['sampler'][0]}-{b['sampler'][1]}.",
              "FIDs use the default (random conv) extractor: comparable within this file only.", "",
@@ -262,11 +356,13 @@ def markdown(report: dict) -> str:
                 f"{fmt(r['consistency']['seam_w1'])} | {fmt(r['dice']['all'])} | {fmt(r['seconds_per_volume'])} |")
 
     lines += [row(n, r) for n, r in report["table2"].items()]
-    lines += ["", "Per held-out case, paired (mean +- sd of the difference; cases where the first is ahead):", "",
+    lines += ["", "Per held-out case, paired: mean difference [95 % bootstrap CI] (cases where the first is "
+              "ahead; exact sign-test p):", "",
               "| comparison | PSNR dB | SSIM | MS-SSIM |", "|---|---|---|---|"]
     for n, diff in report["paired_differences"].items():
         lines.append(f"| {n} | " + " | ".join(
-            f"{d['mean']:+.3g} +- {d['std']:.2g} ({d['ahead']}/{d['cases']})"
+            f"{d['mean']:+.3g} [{d['ci95'][0]:+.2g}, {d['ci95'][1]:+.2g}] "
+            f"({d['ahead']}/{d['cases']}; p {d['sign_p']:.2g})"
             for d in (diff["psnr"], diff["ssim"], diff["ms_ssim"])) + " |")
     lines += ["", "## Table 1 analogue: training masks re-sampled (FID vs the training volumes)", "",
               "| setting | FID-A | FID-C | FID-S | ISD W1 | seam W1 | seam max | Dice WT | s/volume |",
@@ -284,6 +380,28 @@ def markdown(report: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(n, r) for n, r in report["ablations"].items()]
     lines += [row(f"sampler {n}", r) for n, r in report["samplers"].items()]
+    lines += ["", "## Informed slice (held-out cases): where it comes from", "",
+              "| informed slice | PSNR dB | SSIM | MS-SSIM | Dice WT |", "|---|---|---|---|---|"]
+    for n, r in report["informed"].items():
+        p = r["paired"] or {}
+        lines.append(f"| {n} | {fmt(p.get('psnr'), 4)} | {fmt(p.get('ssim'))} | {fmt(p.get('ms_ssim'))} | "
+                     f"{fmt(r['dice']['all'])} |")
+    lines += ["", "Does an informed slice from another site move the output's contrast? (normalised mean of "
+              "healthy tissue; slope 0: ignored, 1: carried fully)", "",
+              "| tissue | slope | mean abs change of the informed case | mean abs change of the output [95 % CI] | "
+              "same direction |", "|---|---|---|---|---|"]
+    for t, r in report["informed_check"].items():
+        ci = r["abs_d_out"]["ci95"]
+        lines.append(f"| {t} | {r['slope']:+.2f} | {r['mean_abs_d_in']:.3f} | {r['mean_abs_d_out']:.3f} "
+                     f"[{ci[0]:.3f}, {ci[1]:.3f}] | {r['same_sign']}/{r['cases']} |")
+    h = report["harmonisation"]
+    lines += ["", "## Harmonisation (every held-out case from one informed slice)", "",
+              "| | WM across sites | GM across sites | WM across cases | GM across cases | Dice WT |",
+              "|---|---|---|---|---|---|"]
+    for n in ("before", "after"):
+        s = h[n]
+        lines.append(f"| {n} | {s['wm_across_sites']:.3f} | {s['gm_across_sites']:.3f} | {s['wm_across_cases']:.3f} | "
+                     f"{s['gm_across_cases']:.3f} | {fmt(h['dice_' + n])} |")
     lines += ["", "## Downstream: tiny segmenter, Dice on held-out real cases", "",
               "| training set | volumes | Dice WT | necrosis (1) | edema (2) | enhancing (4) |",
               "|---|---|---|---|---|---|"]
@@ -293,45 +411,78 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cached(path: Path, compute):
+    """JSON result of `compute()`, kept at `path` so a later run (or stage) re-uses it."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    os.replace(tmp, path)
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="default")
     parser.add_argument("--quick", action="store_true", help="Same as --budget quick.")
+    parser.add_argument("--stage", choices=STAGES + ("all",), default="all",
+                        help="Run up to and including this stage (earlier stages are re-used from --work).")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a folder in the temp dir).")
     args = parser.parse_args(argv)
     name = "quick" if args.quick else args.budget
     b = dict(BUDGETS[name], name=name)
+    last = STAGES.index(args.stage) if args.stage != "all" else len(STAGES) - 1
     work = args.work or Path(tempfile.gettempdir()) / f"gem3d_paper_tables_{name}"
     work.mkdir(parents=True, exist_ok=True)
     stamp = work / "budget.json"  # data and models in `work` are re-used only for the same budget
     if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(b)):
         raise SystemExit(f"{work} holds data/models of another budget; delete it or give another --work")
     stamp.write_text(json.dumps(b, indent=1))
-    began, phases = time.perf_counter(), {}
+    phases_file = work / "phases.json"
+    phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
+    began = time.perf_counter()
 
     def log(text):
         print(f"[{(time.perf_counter() - began) / 60:5.1f} min] {text}", file=sys.stderr, flush=True)
 
+    def timed(stage, run):
+        t0 = time.perf_counter()
+        value = run()
+        phases[stage] = phases.get(stage, 0.0) + time.perf_counter() - t0
+        phases_file.write_text(json.dumps(phases))
+        log(f"stage {stage} done")
+        return value
+
     from gem3d import phantom
     from gem3d.datasets import open_dataset
-    from gem3d.engine import Engine
-    from gem3d.request import InformedSpec
 
     train, test = work / "data" / "train", work / "data" / "test"
-    for folder, cases, seed in ((train, b["train"], 0), (test, b["test"], 1)):  # other seed: other patients
-        if not (folder / "dataset.json").exists():
-            phantom.write_dataset(folder, "brain", cases=cases, size=b["size"], slices=b["slices"], seed=seed)
-    t0 = time.perf_counter()
-    bundles = train_models(b, train, work, log)
-    phases["train"] = time.perf_counter() - t0
-    log("models ready")
+
+    def data():  # other seed: other patients; the same sites (site seed 0) in both
+        for folder, cases, seed in ((train, b["train"], 0), (test, b["test"], 1)):
+            if not (folder / "dataset.json").exists():
+                phantom.write_dataset(folder, "brain", cases=cases, size=b["size"], slices=b["slices"], seed=seed,
+                                      sites=b["sites"])
+
+    timed("data", data)
+    if last < STAGES.index("train"):
+        return {}
+    bundles = timed("train", lambda: train_models(b, train, work, log))
+    if last < STAGES.index("generate"):
+        return {}
+
+    from gem3d.engine import Engine
+    from gem3d.request import InformedSpec
 
     engines = {k: Engine(v, "cpu") for k, v in bundles.items()}
     train_cases, test_cases = open_dataset(train).cases, open_dataset(test).cases
     syn = work / "synthetic"
-    shutil.rmtree(syn, ignore_errors=True)
     n = len(train_cases)
+    sites = {c.case_id: json.loads((test / "groundtruth" / f"{c.case_id}.json").read_text()).get("site", 0)
+             for c in test_cases}
 
     def same(i, case):
         return InformedSpec("same")
@@ -342,60 +493,120 @@ def main(argv=None) -> dict:
     def other(k):  # another training case, a different one in each re-sample k
         return lambda i, case: InformedSpec("other", str(train_cases[(i + 1 + (i + k) % (n - 1)) % n].image))
 
-    seconds: Dict[str, float] = {}
+    def partner(case, same_site: bool):
+        """The next held-out case at the same site (or at another site, if there are sites)."""
+        order = test_cases[test_cases.index(case) + 1:] + test_cases[:test_cases.index(case)]
+        return next((c for c in order if (sites[c.case_id] == sites[case.case_id]) == same_site), order[0])
+
+    partners = {c.case_id: partner(c, False).case_id for c in test_cases}
+
+    def held_out(same_site: bool):
+        return lambda i, case: InformedSpec("other", str(partner(case, same_site).image))
 
     def gen(key, engine, cases, informed, sampler=b["sampler"], seed=0, **kw):
-        t = generate_set(engines[engine], cases, syn / key, informed, sampler, seed, **kw)
-        seconds[key] = float(np.mean(t))
-        log(f"generated {key}: {len(t)} volumes, {seconds[key]:.2f} s each")
+        def run():
+            shutil.rmtree(syn / key, ignore_errors=True)   # a set stopped half-way is made again
+            t = generate_set(engines[engine], cases, syn / key, informed, sampler, seed, **kw)
+            return float(np.mean(t))
+
+        seconds = cached(syn / f"{key}.done.json", run)
+        log(f"generated {key}: {seconds:.2f} s per volume")
         return syn / key
 
-    t0 = time.perf_counter()
-    held = {"GEM-3D": gen("test_gem3d", "gem3d", test_cases, same),
-            "baseline": gen("test_baseline", "baseline", test_cases, same),
-            "no overlapped inpainting": gen("test_no_oi", "gem3d", test_cases, same, replace_known=False),
-            "no volumetric tuning": gen("test_no_vt", "gem3d_stage1", test_cases, same)}
-    samplers = {f"{s}-{n}": gen(f"test_{s}{n}", "gem3d", test_cases, same, sampler=(s, n)) for s, n in b["samplers"]}
-    table1 = {"ic": gen("ic", "gem3d", train_cases, other(0)),
-              "icma": gen("icma", "gem3d", train_cases, other(0), augment="paper"),
-              "ig": gen("ig", "gem3d", train_cases, generated),
-              "igma": gen("igma", "gem3d", train_cases, generated, augment="paper"),
-              "baseline": gen("baseline", "baseline", train_cases, same)}
-    resamples = [table1["ic"]] + [gen(f"ic_r{k}", "gem3d", train_cases, other(k), seed=k)
-                                  for k in range(1, b["resamples"])]
-    phases["generate"] = time.perf_counter() - t0
+    def harmonise():
+        from gem3d.dataset_generation import plan_harmonize, run_jobs
 
-    t0 = time.perf_counter()
+        out = syn / "harmonised"
+        jobs = plan_harmonize(open_dataset(test), out, str(test_cases[0].image), None, 0.5, seed=0,
+                              sampler=b["sampler"][0], steps=b["sampler"][1])
+        for job, event in run_jobs(engines["gem3d"], jobs, out):
+            if event is None or event["event"] != "finished":
+                raise RuntimeError(f"harmonisation of {job.case_id}: {event and event.get('message')}")
+        shutil.copy(test / "dataset.json", out / "dataset.json")
+        return out
+
+    def generate():
+        sets = {"held": {"GEM-3D": gen("test_gem3d", "gem3d", test_cases, same),
+                         "baseline": gen("test_baseline", "baseline", test_cases, same),
+                         "no overlapped inpainting": gen("test_no_oi", "gem3d", test_cases, same,
+                                                         replace_known=False),
+                         "no volumetric tuning": gen("test_no_vt", "gem3d_stage1", test_cases, same)},
+                "samplers": {f"{s}-{k}": gen(f"test_{s}{k}", "gem3d", test_cases, same, sampler=(s, k))
+                             for s, k in b["samplers"]},
+                "informed": {"same case": syn / "test_gem3d",
+                             "another patient, same site": gen("test_other_patient", "gem3d", test_cases,
+                                                               held_out(True)),
+                             "another site": gen("test_other_site", "gem3d", test_cases, held_out(False)),
+                             "slice model": gen("test_generated", "gem3d", test_cases, generated)},
+                "table1": {"ic": gen("ic", "gem3d", train_cases, other(0)),
+                           "icma": gen("icma", "gem3d", train_cases, other(0), augment="paper"),
+                           "ig": gen("ig", "gem3d", train_cases, generated),
+                           "igma": gen("igma", "gem3d", train_cases, generated, augment="paper"),
+                           "baseline": gen("baseline", "baseline", train_cases, same)}}
+        sets["resamples"] = [sets["table1"]["ic"]] + [gen(f"ic_r{k}", "gem3d", train_cases, other(k), seed=k)
+                                                      for k in range(1, b["resamples"])]
+        if not (syn / "harmonised" / "dataset.json").exists():
+            harmonise()
+        sets["harmonised"] = syn / "harmonised"
+        return sets
+
+    sets = timed("generate", generate)
+    if last < STAGES.index("report"):
+        return {}
 
     def scored(real, folder, paired):
-        return {**evaluate_set(real, folder, paired, b["planes"]), "seconds_per_volume": seconds[folder.name]}
+        def run():
+            done = folder.parent / f"{folder.name}.done.json"         # harmonisation is not timed
+            seconds = json.loads(done.read_text()) if done.exists() else None
+            return {**evaluate_set(real, folder, paired, b["planes"]), "seconds_per_volume": seconds}
 
-    report = {"budget": b, "machine": machine(torch.device("cpu")),
-              "command": "python benchmarks/paper_tables.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "table2": {k: scored(test, held[k], True) for k in ("GEM-3D", "baseline")},
-              "table1": {k: scored(train, v, False) for k, v in table1.items()},
-              "ablations": {k: scored(test, held[k], True)
-                            for k in ("no overlapped inpainting", "no volumetric tuning")},
-              "samplers": {k: scored(test, v, True) for k, v in samplers.items()}}
-    report["paired_differences"] = {
-        "GEM-3D - baseline": case_differences(report["table2"]["GEM-3D"], report["table2"]["baseline"]),
-        "GEM-3D - no volumetric tuning": case_differences(report["table2"]["GEM-3D"],
-                                                          report["ablations"]["no volumetric tuning"]),
-        "GEM-3D - no overlapped inpainting": case_differences(report["table2"]["GEM-3D"],
-                                                              report["ablations"]["no overlapped inpainting"])}
-    log("evaluated")
-    sets = {"real": [train], "GEM-3D 1x": resamples[:1], "GEM-3D 2x": resamples[:2], "GEM-3D 3x": resamples[:3],
-            "real + GEM-3D 3x": [train] + resamples[:3], "baseline recon": [table1["baseline"]]}
-    report["downstream"] = downstream(b, test, sets)
-    phases["evaluate"] = time.perf_counter() - t0
-    report["phases"], report["wall_s"] = phases, time.perf_counter() - began
+        return cached(work / "eval" / f"{folder.name}_{'paired' if paired else 'unpaired'}.json", run)
 
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = args.out_dir / f"paper_tables_{name}"
-    write_montage(test, {"GEM-3D": held["GEM-3D"], "baseline": held["baseline"],
-                         "no OI": held["no overlapped inpainting"], "no VT": held["no volumetric tuning"]},
-                  Path(str(prefix) + "_montage.png"))
-    report["files"] = [str(prefix) + "_montage.png"] + plots(report, prefix)
+    def report_stage():
+        held = sets["held"]
+        report = {"budget": b, "machine": machine(torch.device("cpu")),
+                  "command": "python benchmarks/paper_tables.py "
+                             + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "table2": {k: scored(test, held[k], True) for k in ("GEM-3D", "baseline")},
+                  "table1": {k: scored(train, v, False) for k, v in sets["table1"].items()},
+                  "ablations": {k: scored(test, held[k], True)
+                                for k in ("no overlapped inpainting", "no volumetric tuning")},
+                  "samplers": {k: scored(test, v, True) for k, v in sets["samplers"].items()},
+                  "informed": {k: scored(test, v, True) for k, v in sets["informed"].items()}}
+        gem = report["table2"]["GEM-3D"]
+        report["paired_differences"] = {
+            "GEM-3D - baseline": case_differences(gem, report["table2"]["baseline"]),
+            "GEM-3D - no volumetric tuning": case_differences(gem, report["ablations"]["no volumetric tuning"]),
+            "GEM-3D - no overlapped inpainting": case_differences(gem,
+                                                                  report["ablations"]["no overlapped inpainting"]),
+            **{f"sampler {report['budget']['sampler'][0]}-{report['budget']['sampler'][1]} - {k}":
+               case_differences(gem, v) for k, v in report["samplers"].items()
+               if k != f"{b['sampler'][0]}-{b['sampler'][1]}"},
+            **{f"same case - {k}": case_differences(gem, v) for k, v in report["informed"].items() if k != "same case"}}
+        report["informed_check"] = informed_check(test, sets["informed"]["same case"],
+                                                  sets["informed"]["another site"], partners)
+        harmonised = scored(test, sets["harmonised"], False)
+        report["harmonisation"] = {"before": site_spread(contrast_of(test, test, "")),
+                                   "after": site_spread(contrast_of(sets["harmonised"], test, "")),
+                                   "dice_before": harmonised["dice_real"]["all"],
+                                   "dice_after": harmonised["dice"]["all"]}
+        log("evaluated")
+        resamples = sets["resamples"]
+        downstream_sets = {"real": [train], "GEM-3D 1x": resamples[:1], "GEM-3D 2x": resamples[:2],
+                           "GEM-3D 3x": resamples[:3], "real + GEM-3D 3x": [train] + resamples[:3],
+                           "baseline recon": [sets["table1"]["baseline"]]}
+        report["downstream"] = cached(work / "eval" / "downstream.json",
+                                      lambda: downstream(b, test, downstream_sets))
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        prefix = args.out_dir / f"paper_tables_{name}"
+        write_montage(test, {"GEM-3D": held["GEM-3D"], "baseline": held["baseline"],
+                             "other site": sets["informed"]["another site"], "harmonised": sets["harmonised"]},
+                      Path(str(prefix) + "_montage.png"))
+        report["files"] = [str(prefix) + "_montage.png"] + plots(report, prefix)
+        return report, prefix
+
+    report, prefix = timed("report", report_stage)
+    report["phases"] = phases
     text = markdown(report)
     Path(str(prefix) + ".md").write_text(text)
     Path(str(prefix) + ".json").write_text(json.dumps(report, indent=2, default=str) + "\n")

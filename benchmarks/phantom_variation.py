@@ -97,7 +97,8 @@ def measure(kind: str, cases: int, size: int, slices: int, sites: int) -> dict:
 def markdown(report: dict) -> str:
     a = report["args"]
     lines = ["# Phantom variation after per-volume normalisation", "",
-             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; {a['cases']} cases per kind, {a['size']}x{a['size']}x{a['slices']}, "
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; {a['cases']} cases per kind, "
+             f"{a['size']}x{a['size']}x{a['slices']}, "
              f"seed 0; sites: case i at site i % {a['sites']} (default phantoms grouped the same way). "
              f"Standard deviations on the [-1, 1] scale; {report['wall_s']:.0f} s.", ""]
     for kind, modes in report["kinds"].items():

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 
+from gem3d import conventions as conventions_lib
 from gem3d.bundle import Bundle, load_bundle
 from gem3d.io import provenance_path, write_volume
 from gem3d.outputs import write_text_atomically
@@ -45,11 +46,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 class Engine:
     """Loads a bundle once; `generate(request)` yields events for each request."""
 
-    def __init__(self, bundle: Union[str, Path, Bundle], device: str = "auto"):
+    def __init__(self, bundle: Union[str, Path, Bundle], device: str = "auto", conventions: Optional[str] = None):
+        """``conventions``: "gem3d" or "official" (gem3d.conventions); None: the bundle's."""
+        conv = conventions_lib.get(conventions) if conventions else None   # a bad name fails before loading
         self.device = resolve_device(device)
         self.bundle = bundle.to(self.device) if isinstance(bundle, Bundle) else load_bundle(bundle, self.device)
         self.cfg = self.bundle.config
-        self.pipeline = Pipeline(self.bundle, self.device)
+        self.pipeline = Pipeline(self.bundle, self.device, conv)
 
     def generate(self, request: GenerateRequest, cancel: Optional[Callable[[], bool]] = None, *,
                  batch_directions: bool = True, replace_known: bool = True) -> Iterator[dict]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import gem3d
+from gem3d import conventions as conventions_lib
 from gem3d.body import with_outside_label
 from gem3d.bundle import Bundle
 from gem3d.grid import ModelGrid, position_slice, slice_position
@@ -66,10 +67,14 @@ class _Prepared:
 class Pipeline:
     """A loaded bundle on a device; `run(...)` generates one volume from volumes in memory."""
 
-    def __init__(self, bundle: Bundle, device: torch.device):
+    def __init__(self, bundle: Bundle, device: torch.device,
+                 conventions: Optional[conventions_lib.Conventions] = None):
+        """``conventions``: gem3d.conventions (default: the bundle's, else ours)."""
         self.bundle, self.device = bundle, torch.device(device)
         self.cfg = bundle.config
         self.normaliser = make_normaliser(bundle.info["intensity"])
+        self.conventions = conventions or conventions_lib.from_dict(
+            bundle.info.get("provenance", {}).get("conventions"))
 
     def autocast(self):
         if self.device.type == "cuda":
@@ -97,7 +102,8 @@ class Pipeline:
         start, start_position, informed = self._start_and_informed(request, prepared, informed_scan, rng)
         plan = plan_windows(Z, n, start, request.overlap)
         sampler, steps = resolve_sampler(self.cfg.diffusion, request.sampler, request.steps)
-        factory = scheduler_factory(sampler, steps, self.cfg.diffusion, request.eta)
+        conv = self.conventions
+        factory = scheduler_factory(sampler, steps, self.cfg.diffusion, request.eta, conv.alpha_to_one)
         ranges = [grid.model_to_reference_range(w.start, w.stop) for w in plan.windows]
         yield {"event": "started", "job_id": request.job_id, "shape": list(prepared.reference.shape),
                "geometry": prepared.reference.geometry.to_dict(), "axis": grid.axis,
@@ -109,7 +115,7 @@ class Pipeline:
         generator = torch.Generator(self.device).manual_seed(request.seed)
         with self.autocast():
             mask_latents = encode_masks(torch.from_numpy(prepared.labels).to(self.device), self.cfg,
-                                        self.bundle.vae).float()
+                                        self.bundle.vae, sample=conv.sample_posterior, generator=generator).float()
             informed_latent = self._informed_latent(informed, mask_latents, factory, generator, cancel)
         timings["encode"] = time.perf_counter() - t1
 
@@ -119,7 +125,8 @@ class Pipeline:
         t2 = time.perf_counter()
         for done, result in enumerate(windows, start=1):
             with self.autocast():
-                slices = decode_latents(self.bundle.vae, result.latents, self.cfg.vae.scale).float()
+                slices = decode_latents(self.bundle.vae, result.latents, self.cfg.vae.scale,
+                                        channel=conv.decode_channel).float()
             slices = self.normaliser.inverse(slices[:, 0].clamp(-1, 1).cpu().numpy(), prepared.params)
             slab = grid.slab_from_model(slices, result.start, result.stop, "image")
             a, b = grid.model_to_reference_range(result.start, result.stop)
@@ -142,6 +149,7 @@ class Pipeline:
             "request": request.to_dict(),
             "seed": request.seed,
             "sampler": {"name": sampler, "steps": steps, "eta": request.eta},
+            "conventions": conv.to_dict(),
             "device": str(self.device),
             "start_position": start_position,
             "start_slice": start,
@@ -199,12 +207,15 @@ class Pipeline:
                                               self.bundle.slice_size, self.normaliser)
         if spec.position is not None:
             informed_position = spec.position
+        elif self.conventions.position == "start-slice":         # the official slice-model position
+            informed_position = slice_position(start, Z)
         return start, position, InformedSlice(None, {"source": "generated", "position": informed_position})
 
     def _informed_latent(self, informed: InformedSlice, mask_latents, factory, generator, cancel) -> torch.Tensor:
         if informed.image is not None:
             x = torch.from_numpy(np.ascontiguousarray(informed.image))[None, None].to(self.device)
-            return encode_slices(self.bundle.vae, x, self.cfg.vae.scale)[0].float()
+            return encode_slices(self.bundle.vae, x, self.cfg.vae.scale, sample=self.conventions.sample_posterior,
+                                 generator=generator)[0].float()
         if self.bundle.slice_model is None:
             raise RequestError("this bundle has no slice model, so it cannot generate informed slices; "
                                "use informed source 'same' or 'other'")

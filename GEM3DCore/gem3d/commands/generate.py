@@ -65,8 +65,12 @@ def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
               help="Also write the mask that was used (after edits).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (never an input).")
 @click.option("--allow-empty-mask", is_flag=True, help="Accept a mask without labels (a healthy counterfactual).")
+@click.option("--conventions", type=click.Choice(["gem3d", "official"]), default=None,
+              help="Inference conventions (default: the bundle's, else gem3d): official = the GEM-3D scripts' "
+                   "exactly (VAE channel 0, LDM's final alpha-bar, posterior-sampled conditioning, slice-model "
+                   "position at the start slice). README: 'Official conventions'.")
 def generate(bundle, mask, reference, informed, informed_from, informed_slice, informed_position, start, edits,
-             augment, sampler, steps, eta, seed, device, out, mask_out, overwrite, allow_empty_mask):
+             augment, sampler, steps, eta, seed, device, out, mask_out, overwrite, allow_empty_mask, conventions):
     """Generate a synthetic volume from a mask and an informed slice."""
     from gem3d.engine import Engine
 
@@ -77,7 +81,7 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
             start=start, edits=json.loads(Path(edits).read_text()) if edits else [], augment=augment,
             sampler=sampler, steps=steps, eta=eta, seed=seed, device=device, overwrite=overwrite,
             allow_empty_mask=allow_empty_mask)
-        engine = Engine(bundle or DEMO_BUNDLE, device)
+        engine = Engine(bundle or DEMO_BUNDLE, device, conventions)
     except (RequestError, ValueError, OSError) as err:
         raise click.ClickException(str(err))
     finished = run_request(engine, request)

@@ -35,10 +35,15 @@ def _command_line() -> str:
 @click.option("--ct-window", nargs=2, type=float, metavar="LOW HIGH", help="abdomen: that HU window, given directly.")
 @click.option("--weights", type=click.Choice(["auto", "ema", "raw"]), default="auto", show_default=True,
               help="UNet weights: the EMA copy where the checkpoint has one (auto), or insist on one kind.")
+@click.option("--conventions", type=click.Choice(["gem3d", "official"]), default="gem3d", show_default=True,
+              help="Inference conventions recorded as the bundle's default for `generate`: ours, or the official "
+                   "scripts' (raw slice-model weights, VAE channel 0, LDM's final alpha-bar, posterior-sampled "
+                   "conditioning, slice position at the start slice). README: 'Official conventions'.")
 @click.option("--config", "base", default="paper", show_default=True,
               help="Architecture preset or config file (for re-trained variants of other sizes).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle folder.")
-def import_official(volume, vae, slice_model, region, out, nnunet_plans, ct_window, weights, base, overwrite):
+def import_official(volume, vae, slice_model, region, out, nnunet_plans, ct_window, weights, conventions, base,
+                    overwrite):
     """Import official GEM-3D checkpoints (HKU-MedAI/GEM-3D) into a bundle for `gem3d generate` and Slicer.
 
     The checkpoints are read with a restricted unpickler: no code stored in them runs."""
@@ -53,13 +58,14 @@ def import_official(volume, vae, slice_model, region, out, nnunet_plans, ct_wind
             window = ct_window_from_plans(nnunet_plans)
         path = run_import(out, volume, region, vae=vae, slice_model=slice_model, base=base,
                           use_ema={"auto": None, "ema": True, "raw": False}[weights], ct_window=window,
-                          command=_command_line(), overwrite=overwrite)
+                          command=_command_line(), overwrite=overwrite, conventions=conventions)
     except (ValueError, FileExistsError) as err:
         raise click.ClickException(str(err)) from None
     from gem3d.bundle import read_info
 
     info = read_info(path)
     click.echo(f"wrote {path}")
+    click.echo(f"  conventions: {info['provenance']['conventions']['name']}")
     for role, entry in info["provenance"]["files"].items():
         kind = f"; {entry['weights']}" if "weights" in entry else ""
         click.echo(f"  {role:<7}{entry['file']}: {entry['used']}{kind}")

@@ -54,8 +54,10 @@ def onehot_fractions(mask: torch.Tensor, values: Sequence[int], factor: int) -> 
 
 
 def encode_masks(mask: torch.Tensor, cfg: Config, vae: Optional[torch.nn.Module] = None,
-                 chunk_size: int = 16) -> torch.Tensor:
-    """(N, H, W) label slices -> (N, mask_channels(cfg), H/f, W/f), as cfg.mask.encoding says."""
+                 chunk_size: int = 16, sample: bool = False,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(N, H, W) label slices -> (N, mask_channels(cfg), H/f, W/f), as cfg.mask.encoding says.
+    `sample`: a VAE posterior sample instead of its mean (the official conventions)."""
     if mask.ndim != 3:
         raise ValueError(f"encode_masks: expected (N, H, W) label slices, got {tuple(mask.shape)}")
     values = label_values(cfg)
@@ -64,4 +66,5 @@ def encode_masks(mask: torch.Tensor, cfg: Config, vae: Optional[torch.nn.Module]
         return onehot_fractions(mask, values, cfg.vae.factor)
     if vae is None:
         raise ValueError("encode_masks: the 'vae' mask encoding needs the VAE")
-    return encode_slices(vae, vae_mask_image(mask, max(cfg.data.labels)), cfg.vae.scale, chunk_size)
+    return encode_slices(vae, vae_mask_image(mask, max(cfg.data.labels)), cfg.vae.scale, chunk_size,
+                         sample=sample, generator=generator)

@@ -44,10 +44,14 @@ def encode_slices(vae: AutoencoderKL, x: torch.Tensor, scale: float, chunk_size:
     return torch.cat(parts) * scale
 
 
-def decode_latents(vae: AutoencoderKL, z: torch.Tensor, scale: float, chunk_size: int = 16) -> torch.Tensor:
-    """(N, latent, h, w) scaled latents -> (N, 1, h*f, w*f) grey slices (RGB VAEs: channel mean)."""
+def decode_latents(vae: AutoencoderKL, z: torch.Tensor, scale: float, chunk_size: int = 16,
+                   channel: Optional[int] = None) -> torch.Tensor:
+    """(N, latent, h, w) scaled latents -> (N, 1, h*f, w*f) grey slices. RGB VAEs: the channel
+    mean, or `channel` alone (the official scripts keep channel 0; gem3d.conventions)."""
     if z.ndim != 4 or z.shape[1] != vae.config.latent_channels:
         raise ValueError(f"decode_latents: expected (N, {vae.config.latent_channels}, h, w), "
                          f"got {tuple(z.shape)}")
     x = torch.cat([vae.decode(part / scale).sample for part in z.split(chunk_size)])
-    return x.mean(dim=1, keepdim=True) if x.shape[1] == 3 else x
+    if x.shape[1] != 3:
+        return x
+    return x.mean(dim=1, keepdim=True) if channel is None else x[:, channel:channel + 1]

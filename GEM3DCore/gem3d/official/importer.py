@@ -24,6 +24,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 
 from gem3d import config as config_lib
+from gem3d import conventions as conventions_lib
 from gem3d.bundle import save_bundle
 from gem3d.config import Config
 from gem3d.labels import ABDOMEN_CT1K, MSD_BRAIN
@@ -151,15 +152,25 @@ def _volume_kind(sd: Dict[str, torch.Tensor], where: Path, latent: int) -> Tuple
 def import_official(out: PathLike, volume: PathLike, region: str, vae: Optional[PathLike] = None,
                     slice_model: Optional[PathLike] = None, base: Union[str, Config] = "paper",
                     use_ema: Optional[bool] = None, ct_window: Optional[Sequence[float]] = None,
-                    command: Optional[str] = None, overwrite: bool = False) -> Path:
+                    command: Optional[str] = None, overwrite: bool = False,
+                    conventions: Optional[str] = None) -> Path:
     """Write a bundle at `out` from a stage-2 (or stage-1) volume checkpoint, the kl-f8 VAE (a standalone
     file, or the copy inside the volume checkpoint when `vae` is None) and optionally the slice model.
 
     `base` gives the architecture (default: the official `paper` sizes); use_ema None = EMA where present.
+    `conventions` (gem3d.conventions; default ours) is recorded in the provenance and becomes the
+    bundle's default for `generate`; "official" imports the slice model's raw training weights.
     Every checkpoint key must be used or skipped for a stated reason and every tensor of ours filled with
     an equal shape (MappingError otherwise); frozen VAE copies must equal the imported VAE."""
     from gem3d.models import build_slice_model, build_unet, build_vae
 
+    conv = conventions_lib.get(conventions)
+    slice_ema = use_ema
+    if conv.slice_weights == "raw":
+        if use_ema:
+            raise ValueError(f"--weights ema contradicts --conventions {conv.name}, which samples the slice "
+                             "model with its raw training weights")
+        slice_ema = False
     volume = Path(volume)
     vol_ckpt, vol_sd = _load(volume)
     base_cfg = base if isinstance(base, Config) else config_lib.load_config(base)
@@ -193,15 +204,17 @@ def import_official(out: PathLike, volume: PathLike, region: str, vae: Optional[
         slice_ckpt, slice_sd = _load(slice_model)
         inner = {k[len("unet."):]: s for k, s in want["slice_model"].items()}
         slice_plan = plan_checkpoint(shapes_of(slice_sd), str(slice_model), unet=inner, vae_config=vae_cfg,
-                                     use_ema=use_ema)
+                                     use_ema=slice_ema)
         _check_schedule(slice_sd, cfg, str(slice_model))
         _fill(modules["slice_model"], slice_sd, slice_plan.sources["unet"], prefix="unet.")
         _same_vae(slice_sd, modules["vae"], slice_plan.frozen_vae, str(slice_model))
         files["slice"] = _describe(slice_model, slice_ckpt, "slice model (position-conditioned)", slice_plan)
-    return save_bundle(out, cfg, modules, _provenance(region, cfg, files, command), overwrite=overwrite)
+    provenance = _provenance(region, cfg, files, command, conv)
+    return save_bundle(out, cfg, modules, provenance, overwrite=overwrite)
 
 
-def _provenance(region: str, cfg: Config, files: dict, command: Optional[str]) -> dict:
+def _provenance(region: str, cfg: Config, files: dict, command: Optional[str],
+                conv: conventions_lib.Conventions) -> dict:
     import diffusers
 
     import gem3d
@@ -216,4 +229,5 @@ def _provenance(region: str, cfg: Config, files: dict, command: Optional[str]) -
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"gem3d": gem3d.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         "notes": notes,
+        "conventions": conv.to_dict(),
     }

@@ -52,8 +52,9 @@ class EtaDDIMScheduler(DDIMScheduler):
 
 
 def make_scheduler(name: str, steps: int, diffusion: Optional[DiffusionConfig] = None,
-                   eta: Optional[float] = None) -> SchedulerMixin:
-    """A fresh sampling scheduler with its timesteps set (multistep solvers keep state)."""
+                   eta: Optional[float] = None, alpha_to_one: bool = True) -> SchedulerMixin:
+    """A fresh sampling scheduler with its timesteps set (multistep solvers keep state).
+    ``alpha_to_one=False``: DDIM ends at LDM's alpha-bar(t=0), as the official scripts do."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     common = noise_process(diffusion)
@@ -62,7 +63,7 @@ def make_scheduler(name: str, steps: int, diffusion: Optional[DiffusionConfig] =
     if eta is not None and name != "ddim":
         raise ValueError(f"eta applies to ddim only, not to {name!r}")
     if name == "ddim":
-        scheduler = EtaDDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True,
+        scheduler = EtaDDIMScheduler(**common, clip_sample=False, set_alpha_to_one=alpha_to_one,
                                      steps_offset=1, timestep_spacing="leading")
         scheduler.eta = 0.0 if eta is None else float(eta)
     elif name == "dpm++":
@@ -75,10 +76,10 @@ def make_scheduler(name: str, steps: int, diffusion: Optional[DiffusionConfig] =
 
 
 def scheduler_factory(name: str, steps: int, diffusion: Optional[DiffusionConfig] = None,
-                      eta: Optional[float] = None) -> Callable[[], SchedulerMixin]:
+                      eta: Optional[float] = None, alpha_to_one: bool = True) -> Callable[[], SchedulerMixin]:
     """A zero-argument maker of fresh schedulers (one per window batch), checked now."""
-    make_scheduler(name, steps, diffusion, eta)
-    return functools.partial(make_scheduler, name, steps, diffusion, eta)
+    make_scheduler(name, steps, diffusion, eta, alpha_to_one)
+    return functools.partial(make_scheduler, name, steps, diffusion, eta, alpha_to_one)
 
 
 def make_training_scheduler(diffusion: Optional[DiffusionConfig] = None) -> DDPMScheduler:
