@@ -92,6 +92,7 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.connect("timeout()", self.onTimer)
         self.ui.labelMappingTable.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
         self.ui.labelMappingTable.verticalHeader().hide()
+        panel.keep_server_token(self.ui.serverTokenLineEdit)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         later = lambda f: (lambda *args: qt.QTimer.singleShot(0, f))  # noqa: E731  after the parameter node updates
@@ -265,10 +266,10 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGenerate(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the generation."), waitCursor=True):
-            if not install.ensure_dependencies(p.enginePython):
-                return
+            if not (p.serverURL.strip() or install.ensure_dependencies(p.enginePython)):
+                return  # a remote engine needs nothing installed here
             outputNode = self.logic.start_generation(
-                generate_settings(p), p.referenceVolume, p.segmentation, panel.table_mapping(self.ui.labelMappingTable),
+                generate_settings(p, self.ui.serverTokenLineEdit.text), p.referenceVolume, p.segmentation, panel.table_mapping(self.ui.labelMappingTable),
                 p.informedVolume, p.outputVolume)
             slicer.util.setSliceViewerLayers(background=outputNode)
             self._timer.start()

@@ -45,3 +45,11 @@ def test_a_batch_run_reports_progress_lines():
     assert state.progress == 0.25 and state.status == "[3/12]" and not state.done
     assert run(state, [{"event": "finished"}]).done
     assert EventKind.ERROR.terminal and not EventKind.WINDOW.terminal
+
+
+def test_a_remote_engine_says_what_it_uploads_and_where_the_job_waits():
+    state = reduce(JobState("a"), {"event": "upload", "job_id": "a", "file": "reference", "done": 2**20,
+                                   "total": 4 * 2**20})
+    assert state.status == "Uploading the reference: 1.0 of 4.0 MB" and not state.done
+    state = reduce(state, {"event": "queued", "job_id": "a", "device": "cuda:0", "position": 2})
+    assert state.status == "Queued on the server (2 jobs ahead)" and not state.done

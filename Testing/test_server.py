@@ -164,6 +164,38 @@ def test_demo_job_equals_local_generation(server, tmp_path):
         np.testing.assert_allclose(np.load(w["path"]), remote.array[tuple(index)], atol=1e-4)
 
 
+def test_the_editors_remote_engine_runs_a_job_and_keeps_the_token_out_of_the_settings_key(
+        server, brain_phantom, tmp_path):
+    """GEM3DEditorLib's RemoteEngine (what the module uses when an engine server is set) end to
+    end, its events read by the module's own job reducer; a wrong token ends the job with a sentence."""
+    sys.path.insert(0, str(ROOT / "GEM3DEditor"))
+    from GEM3DEditorLib.engine import RemoteEngine
+    from GEM3DEditorLib.job import JobState, reduce
+    from GEM3DEditorLib.settings import EngineSettings
+
+    for token, out in ((TOKEN, tmp_path / "remote.nii.gz"), ("wrong-token-0123456789", tmp_path / "no.nii.gz")):
+        engine = RemoteEngine(server.url, token)
+        try:
+            job_id = engine.submit(tiny_request(brain_phantom, out, job_id="editor"))
+            state, kinds, deadline = JobState(job_id), [], time.monotonic() + 120
+            while not state.done and time.monotonic() < deadline:
+                for event in engine.poll():
+                    kinds.append(event["event"])
+                    state = reduce(state, event)
+                time.sleep(0.05)
+        finally:
+            engine.close()
+        assert state.done, kinds
+        if token == TOKEN:
+            assert "upload" in kinds and kinds.count("window") == state.windows == state.planned_windows >= 1
+            assert state.error is None and Path(state.outputs["image"]).is_file()
+            assert read_description(state.outputs["image"]).startswith("SYNTHETIC")
+        else:
+            assert state.error and "token" in state.error.lower() and not out.exists()
+    local, remote = EngineSettings(), EngineSettings(server_url=server.url, server_token=TOKEN)
+    assert local.engine_key != remote.engine_key and TOKEN not in repr(EngineSettings(server_url=server.url))
+
+
 def test_cancel_mid_job(server, brain_phantom, tmp_path):
     c = client(server.url)
     out = tmp_path / "c.nii.gz"

@@ -31,6 +31,7 @@ import numpy as np
 
 from gem3d.event_frames import StreamError, read_event
 from gem3d.io import extension, provenance_path
+from gem3d.queues import take
 
 TERMINAL_EVENTS = ("finished", "cancelled", "error")
 SERVER_PREFIX = "server:"  # an input already on the server, under its --data-root
@@ -143,23 +144,10 @@ class RemoteClient:
 
     def poll(self, timeout: float = 0.0, max_events: Optional[int] = None) -> List[dict]:
         """Events received so far, in order; waits up to `timeout` seconds for the first one."""
-        events = []
-        try:
-            if timeout > 0:
-                events.append(self._events.get(timeout=timeout))
-            while max_events is None or len(events) < max_events:
-                events.append(self._events.get_nowait())
-        except queue.Empty:
-            pass
-        return events
+        return take(self._events, timeout, max_events)
 
     def drain_log(self) -> List[str]:
-        lines = []
-        try:
-            while True:
-                lines.append(self._log.get_nowait())
-        except queue.Empty:
-            return lines
+        return take(self._log)
 
     # ---------------------------------------------------------------- server information
     def check(self) -> dict:

@@ -1,7 +1,8 @@
 """The engine behind one small interface: submit a request, poll its events, cancel, close.
 
-LocalEngine runs `gem3d worker` as a child process (worker_client.WorkerClient). A remote engine
-(`gem3d serve`) needs only these five methods to take its place in logic.GEM3DEditorLogic.
+LocalEngine runs `gem3d worker` as a child process (worker_client.WorkerClient); RemoteEngine
+talks to `gem3d serve` (gem3d.remote.RemoteClient: inputs uploaded, events streamed, outputs
+downloaded). Both emit the same events, so logic.EditorLogic does not know which it has.
 """
 from __future__ import annotations
 
@@ -38,3 +39,27 @@ class LocalEngine:
         if self._client is not None:
             self._client.close(timeout=2.0)
             self._client = None
+
+
+class RemoteEngine:
+    """A `gem3d serve` engine; connection problems arrive as `error` events, never exceptions."""
+
+    def __init__(self, url: str, token: str = ""):
+        from gem3d.remote import RemoteClient
+
+        self._client = RemoteClient(url, token or None).start()
+
+    def submit(self, request: dict) -> str:
+        return self._client.generate(request)
+
+    def poll(self) -> List[dict]:
+        return self._client.poll()
+
+    def log_lines(self) -> List[str]:
+        return self._client.drain_log()
+
+    def cancel(self, job_id: str) -> None:
+        self._client.cancel(job_id)
+
+    def close(self) -> None:
+        self._client.close()

@@ -17,6 +17,8 @@ class EventKind(enum.Enum):
     HEARTBEAT = "heartbeat"
     LOG = "log"
     PROGRESS = "progress"
+    UPLOAD = "upload"  # a remote engine: an input being sent
+    QUEUED = "queued"  # a remote engine: jobs ahead on the server's device
     FINISHED = "finished"
     CANCELLED = "cancelled"
     ERROR = "error"
@@ -73,6 +75,12 @@ def reduce(state: JobState, event: dict) -> JobState:
         return change(state, status=event.get("line", state.status))
     if kind is EventKind.HEARTBEAT:
         return state
+    if kind is EventKind.UPLOAD:
+        done, total = int(event["done"]), max(int(event["total"]), 1)
+        return change(state, status=f"Uploading the {event.get('file', 'input')}: "
+                                    f"{done / 2**20:.1f} of {total / 2**20:.1f} MB")
+    if kind is EventKind.QUEUED:
+        return change(state, status=f"Queued on the server ({int(event.get('position', 0))} jobs ahead)")
     if kind is EventKind.FINISHED:
         seconds = (event.get("timings") or {}).get("total")
         status = f"Done in {seconds:.1f} s." if seconds is not None else "Done."

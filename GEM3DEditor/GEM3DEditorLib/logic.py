@@ -18,10 +18,10 @@ from gem3d.bundle_format import read_bundle_info
 from gem3d.request import GenerateRequest, InformedSpec, RequestError, new_job_id
 
 from . import batch, edits, export, geometry, label_matching, nodes, output, process
-from .engine import LocalEngine
+from .engine import LocalEngine, RemoteEngine
 from .job import JobKind, JobState, reduce
 from .mask_history import MaskHistory
-from .settings import BatchSettings, GenerateSettings
+from .settings import BatchSettings, EngineSettings, GenerateSettings
 from .worker_client import environment_with_path, python_executable_default
 
 
@@ -42,14 +42,14 @@ class EditorLogic:
     """Owns the one generation and the one batch run that may be going on, and the mask history."""
 
     def __init__(self, scene, volumes_logic, work_folder: str, gem3d_root: Optional[str] = None,
-                 engine_factory: Optional[Callable[[str], object]] = None):
+                 engine_factory: Optional[Callable[[EngineSettings], object]] = None):
         self.scene = scene
         self.volumes_logic = volumes_logic
         self.work_folder = work_folder
         self.gem3d_root = gem3d_root
-        self.engine_factory = engine_factory or self._local_engine
+        self.engine_factory = engine_factory or self._new_engine
         self.engine = None
-        self._engine_python = None
+        self._engine_key = None
         self.history = MaskHistory()
         self.job: Optional[JobState] = None
         self.batch: Optional[JobState] = None
@@ -79,16 +79,19 @@ class EditorLogic:
         base = slicer.util.startupEnvironment() if engine_python.strip() else None
         return environment_with_path(base, [self.gem3d_root] if self.gem3d_root else [])
 
-    def _local_engine(self, engine_python: str):
-        return LocalEngine(self.engine_python(engine_python), self.engine_environment(engine_python),
-                           cwd=self.work_folder)
+    def _new_engine(self, settings: EngineSettings):
+        if settings.server_url:
+            return RemoteEngine(settings.server_url, settings.server_token)
+        return LocalEngine(self.engine_python(settings.engine_python),
+                           self.engine_environment(settings.engine_python), cwd=self.work_folder)
 
-    def _engine_for(self, engine_python: str):
-        if self.engine is None or self._engine_python != engine_python:
+    def _engine_for(self, settings: EngineSettings):
+        """The engine these settings ask for, kept between jobs (its models stay loaded)."""
+        if self.engine is None or self._engine_key != settings.engine_key:
             if self.engine is not None:
                 self.engine.close()
-            self.engine = self.engine_factory(engine_python)
-            self._engine_python = engine_python
+            self.engine = self.engine_factory(settings)
+            self._engine_key = settings.engine_key
         return self.engine
 
     @property
@@ -188,7 +191,7 @@ class EditorLogic:
         req = req.to_message()
         output_node = output.prepare_output_node(reference_node, output_node)
         self._stream = output.OutputStream(output_node, info.modality)
-        self._engine_for(engine.engine_python).submit(req)
+        self._engine_for(engine).submit(req)
         self.job = JobState(job_id, JobKind.GENERATE, status="Starting the GEM-3D engine...")
         self._job_record = {"request": req, "paths": paths, "mapping": dict(mapping), "modality": info.modality,
                             "mask_edits": self.history.applied_specs(), "segmentation": segmentation_node.GetName(),

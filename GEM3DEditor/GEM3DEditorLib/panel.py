@@ -10,6 +10,13 @@ import slicer
 from . import edits, geometry, label_matching, nodes, thumbnail
 
 THUMBNAIL = os.path.join(tempfile.gettempdir(), f"gem3d_thumbnail_{os.getpid()}.pgm")
+SERVER_TOKEN_SETTING = "GEM3DEditor/ServerToken"  # application settings: a token never goes into a scene file
+
+
+def keep_server_token(line_edit) -> None:
+    """Show the saved server token in `line_edit` and save it whenever the user changes it."""
+    line_edit.text = qt.QSettings().value(SERVER_TOKEN_SETTING, "") or ""
+    line_edit.connect("editingFinished()", lambda: qt.QSettings().setValue(SERVER_TOKEN_SETTING, line_edit.text))
 
 
 def fill_label_table(table, segments: List[label_matching.SegmentInfo], label_map: Dict[int, str],

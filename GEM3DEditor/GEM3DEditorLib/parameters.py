@@ -72,6 +72,7 @@ class GEM3DEditorParameterNode:
     seed: Annotated[int, WithinRange(0, 2147483647)] = 0
     device: Device = Device.AUTO
     enginePython: str = ""
+    serverURL: str = ""
     outputVolume: vtkMRMLScalarVolumeNode
     exportFolder: pathlib.Path
     exportFormat: ExportFormat = ExportFormat.NIFTI
@@ -92,13 +93,14 @@ def path_text(path) -> str:
     return "" if text in ("", ".") else text
 
 
-def engine_settings(p: GEM3DEditorParameterNode) -> EngineSettings:
-    return EngineSettings(p.sampler.value or None, p.steps or None, p.seed, p.device.value, p.enginePython)
+def engine_settings(p: GEM3DEditorParameterNode, server_token: str = "") -> EngineSettings:
+    return EngineSettings(p.sampler.value or None, p.steps or None, p.seed, p.device.value, p.enginePython,
+                          p.serverURL.strip(), server_token)
 
 
-def generate_settings(p: GEM3DEditorParameterNode) -> GenerateSettings:
+def generate_settings(p: GEM3DEditorParameterNode, server_token: str = "") -> GenerateSettings:
     start = None if (p.startAtInformed and p.informedSource == InformedSource.SAME) else p.startPosition
-    return GenerateSettings(path_text(p.bundlePath), p.informedSource.value, p.informedSlice, start, engine_settings(p))
+    return GenerateSettings(path_text(p.bundlePath), p.informedSource.value, p.informedSlice, start, engine_settings(p, server_token))
 
 
 def batch_settings(p: GEM3DEditorParameterNode) -> BatchSettings:

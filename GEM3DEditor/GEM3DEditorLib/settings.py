@@ -12,6 +12,13 @@ class EngineSettings:
     seed: int = 0
     device: str = "auto"
     engine_python: str = ""  # "": PythonSlicer
+    server_url: str = ""  # "": the engine runs locally; else a `gem3d serve` URL
+    server_token: str = ""  # from the application settings, never from the scene
+
+    @property
+    def engine_key(self) -> tuple:
+        """What identifies the engine process or server these settings ask for."""
+        return (self.server_url, self.server_token) if self.server_url else (self.engine_python,)
 
 
 @dataclasses.dataclass(frozen=True)

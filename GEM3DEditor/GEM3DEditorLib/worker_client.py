@@ -28,6 +28,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from gem3d import request as requests
+from gem3d.queues import take
 from .process import exit_message, kill_tree, popen_group
 
 TERMINAL_EVENTS = ("finished", "cancelled", "error")
@@ -203,24 +204,11 @@ class WorkerClient:
     # ---------------------------------------------------------------- events
     def poll(self, timeout: float = 0.0, max_events: Optional[int] = None) -> List[dict]:
         """Events received so far, in order; waits up to `timeout` seconds for the first one."""
-        events = []
-        try:
-            if timeout > 0:
-                events.append(self._events.get(timeout=timeout))
-            while max_events is None or len(events) < max_events:
-                events.append(self._events.get_nowait())
-        except queue.Empty:
-            pass
-        return events
+        return take(self._events, timeout, max_events)
 
     def drain_log(self) -> List[str]:
         """Log lines received so far (engine stderr, stray stdout text, client notes)."""
-        lines = []
-        try:
-            while True:
-                lines.append(self._log.get_nowait())
-        except queue.Empty:
-            return lines
+        return take(self._log)
 
     def _emit(self, event: dict) -> None:
         kind = event["event"]
