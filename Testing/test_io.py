@@ -11,7 +11,7 @@ from scipy.spatial.transform import Rotation
 
 from gem3d.io import (Not3DImageError, nifti_nonfinite_count, read_description, read_metadata,
                       read_segmentation, read_volume, write_segmentation, write_volume)
-from gem3d.outputs import partial_files, write_atomically
+from gem3d.outputs import write_atomically
 from gem3d.volume import Geometry, Volume
 
 AXIS = np.array([1.0, 2.0, 3.0]) / np.linalg.norm([1.0, 2.0, 3.0])

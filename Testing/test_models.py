@@ -13,7 +13,7 @@ from gem3d.config import Config, MaskConfig, VAEConfig, from_dict, load_config, 
 from gem3d.models import (build_slice_model, build_unet, build_vae, decode_latents, encode_masks,
                           encode_slices, volume_condition, volumetric_parameters)
 from gem3d.models.mask_encoding import onehot_fractions, vae_mask_image
-from gem3d.models.unet import AttentionBlock, ResBlock, timestep_embedding
+from gem3d.models.unet import AttentionBlock, timestep_embedding
 
 
 def count(model):

@@ -34,8 +34,6 @@ def translation(headless, mm_ras):
                                                   ((0.5, 0.7, 3.0), True)])
 def test_volumes_through_slicers_storage_nodes_keep_simpleitks_geometry(headless, phantom_reference, tmp_path,
                                                                        suffix, spacing, left_handed):
-    from gem3d.io import read_volume
-
     expected = oblique_geometry(spacing, left_handed)
     node = phantom_reference(expected, suffix)
     path = node.GetStorageNode().GetFileName()

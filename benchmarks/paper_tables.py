@@ -43,7 +43,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -123,7 +122,7 @@ def train_models(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
     baseline = Run(cfg_b, data, base, ctx, vae_weights=run.output("vae"))
     results.update({f"baseline_{name}": baseline.train(name) for name in ("vae", "stage1", "stage2")})
     baseline.write_bundle(command + " (baseline)")
-    log(f"trained: " + ", ".join(f"{k} {v.get('steps')} steps loss {v.get('final_loss')} ({v.get('wall_s')} s)"
+    log("trained: " + ", ".join(f"{k} {v.get('steps')} steps loss {v.get('final_loss')} ({v.get('wall_s')} s)"
                                  for k, v in results.items() if v))
     return bundles
 
