@@ -20,7 +20,7 @@ from GEM3DEditorLib import (batch, dependencies, edits, export, geometry,  # noq
                             label_matching, mask_history, process, sink, thumbnail)
 from GEM3DEditorLib.worker_client import WorkerClient, environment_with_path, worker_command  # noqa: E402
 
-from gem3d.request import GenerateRequest, RequestError  # noqa: E402
+from gem3d.request import GenerateRequest  # noqa: E402
 from gem3d.volume import Geometry, Volume  # noqa: E402
 
 
@@ -49,11 +49,12 @@ def make_request(files, job_id="j1", **options):
 
 
 def test_the_client_refuses_a_request_the_contract_refuses(fake_worker, job_files):
+    """Refused before it reaches the worker, as an `error` event (never an exception in Slicer)."""
     client = fake_worker("normal")
-    with pytest.raises(RequestError, match="seed"):
-        client.generate(dict(make_request(job_files), seed=-1))
-    with pytest.raises(RequestError, match="unknown request key"):
-        client.generate(dict(make_request(job_files), slice_count=3))
+    for job_id, change, expected in (("j1", {"seed": -1}, "seed"), ("j2", {"slice_count": 3}, "unknown request key")):
+        assert client.generate(dict(make_request(job_files, job_id=job_id), **change)) == job_id
+        events = [e for e in client.poll(timeout=5.0) if e["event"] != "heartbeat"]
+        assert [(e["event"], e["job_id"]) for e in events] == [("error", job_id)] and expected in events[0]["message"]
     assert client.active_jobs == []
     client.close()
 

@@ -357,7 +357,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(brain_phantom, tmp_pat
 
     cfg = load_config("tiny")
     cfg.data.slice_size = 32
-    cfg.train.window, cfg.train.batch_size, cfg.train.vae_steps = 4, 1, 400
+    cfg.window_length, cfg.train.batch_size, cfg.train.vae_steps = 4, 1, 400
     cfg.train.checkpoint_every, cfg.train.preview_every = 2, 0
     save_config(cfg, tmp_path / "cfg.yaml")
     args = ["train", "vae", "--config", str(tmp_path / "cfg.yaml"), "--dataset", str(brain_phantom),

@@ -172,7 +172,7 @@ class Bench:
             self.unet = build_unet(cfg, volumetric=True).eval()
             self.vae = build_vae(cfg).eval()
         activate_(self.unet)
-        self.n, self.size = cfg.train.window, cfg.data.slice_size
+        self.n, self.size = cfg.window_length, cfg.data.slice_size
         self.latent = self.size // cfg.vae.factor
         self.compiled, self.warm_s, self.per_call, self.vae_rate = {}, {}, {}, {}
         self._cases = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -93,7 +94,8 @@ class Worker:
             self.emit({"event": "cancelled", "job_id": job_id})
             return
         beat = threading.Event()
-        threading.Thread(target=self._heartbeats, args=(job_id, beat), daemon=True).start()
+        beating = threading.Thread(target=self._heartbeats, args=(job_id, beat), daemon=True)
+        beating.start()
         try:
             self._run(message["request"])
         except Exception as err:  # a bug: still an answer, the traceback in the log
@@ -101,6 +103,7 @@ class Worker:
             self.emit(error_event(f"internal error: {type(err).__name__}: {err}", job_id))
         finally:
             beat.set()
+            beating.join()  # no heartbeat after the job's last event, nor during shutdown
 
     def _run(self, request) -> None:
         job_id = request.job_id
@@ -149,4 +152,12 @@ def main(bundle: Optional[str] = None, device: str = "auto", heartbeat: float = 
     sys.stdout = sys.stderr
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="gem3d-worker %(levelname)s %(message)s")
     stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")  # bad bytes: a bad line
-    return Worker(events, bundle, device, heartbeat).serve(stdin)
+    code = Worker(events, bundle, device, heartbeat).serve(stdin)
+    try:
+        events.flush()
+        sys.stderr.flush()
+    except OSError:  # the client is gone
+        pass
+    # Every output is already written and synced. Interpreter shutdown with a daemon thread (the stdin
+    # reader) still alive aborted the worker now and then (exit -6 after EOF): skip it.
+    os._exit(code)
