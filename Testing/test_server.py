@@ -262,6 +262,8 @@ def test_malformed_and_oversized_uploads_and_requests(server, brain_phantom, tmp
                            (dict(ok, device="cuda:7"), "not served here"),
                            (dict(ok, out="x.exe"), "out must end in"),
                            (dict(ok, steps=0), "steps must be"),
+                           (dict(ok, start=[1]), "field 'start'"),  # the worker's type checks apply
+                           (dict(ok, seed="x"), "field 'seed'"),
                            ({"mask": ok["mask"]}, "needs 'reference'"),
                            ([1, 2], "JSON object")):
             status, error = submit(bad)

@@ -27,6 +27,7 @@ import gem3d
 from gem3d.event_frames import MEDIA_TYPE, encode_event
 from gem3d.io import WRITE_EXTENSIONS, extension, read_volume
 from gem3d.jobs import Job, JobStore, LimitError, Upload
+from gem3d.protocol import request_from_dict
 from gem3d.request import GenerateRequest, RequestError
 
 log = logging.getLogger("gem3d.serve")
@@ -120,7 +121,7 @@ class Server:
         informed = data.get("informed")
         if isinstance(informed, dict) and informed.get("scan"):
             data["informed"] = dict(informed, scan=self.input_path(informed["scan"], "informed", folder))
-        request = GenerateRequest.from_dict(dict(
+        request = request_from_dict(dict(
             data, job_id=job_id, bundle=str(self.settings.bundles[bundle]), device=device,
             out=str(folder / f"synthetic{ext}"), mask_out=str(folder / f"synthetic_mask{ext}") if mask_out else None))
         return request, bundle
