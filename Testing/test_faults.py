@@ -27,7 +27,7 @@ from gem3d.bundle import BundleError, load_bundle
 from gem3d.cli import main
 from gem3d.engine import Engine
 from gem3d.io import read_description, read_volume, write_segmentation, write_volume
-from gem3d.outputs import OutputError, PARTIAL, check_outputs, write_atomically
+from gem3d.outputs import OutputError, PARTIAL, check_folder, check_outputs, write_atomically
 from gem3d.preflight import fit_mask
 from gem3d.request import GenerateRequest
 from gem3d.training.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -183,6 +183,21 @@ def test_too_little_free_space_is_found_first(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     with pytest.raises(OutputError, match="MiB free but the outputs need"):
         check_outputs({"--out": tmp_path / "o.nii.gz"}, expected_bytes=2 * free)
+
+
+@pytest.mark.parametrize("size", [0, 1 << 20])
+def test_an_interrupted_folder_probe_leaves_no_file(tmp_path, monkeypatch, size):
+    """Ctrl-C while the output folder is probed (a CI run caught one left in labelsTr)."""
+    real_fsync = os.fsync
+
+    def interrupted(fd):
+        real_fsync(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        check_folder(tmp_path, size)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- atomic, verified writes

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Union
@@ -64,13 +63,10 @@ def check_folder(folder: Path, expected_bytes: int = 0) -> None:
     """The folder exists, a file can be created in it, and it has `expected_bytes` free."""
     if not folder.is_dir():
         raise OutputError(f"the output folder {folder} does not exist; create it first")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=PARTIAL, dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise OutputError(f"cannot write in the output folder {folder}: {err.strerror}; "
-                          "choose a folder you can write to") from None
+    problem = _probe(folder, 0)
+    if problem:
+        raise OutputError(f"cannot write in the output folder {folder}: {problem}; "
+                          "choose a folder you can write to")
     free = shutil.disk_usage(folder).free
     if free < expected_bytes:
         raise OutputError(f"the output folder {folder} has {free / 2**20:.1f} MiB free but the outputs "
@@ -105,7 +101,7 @@ def write_atomically(path: PathLike, write: Callable[[Path], None],
             if verify is not None:
                 verify(tmp)
         except (OSError, RuntimeError, ValueError) as err:
-            reason = _space_problem(path.parent, expected_bytes or PROBE_LIMIT)
+            reason = _probe(path.parent, expected_bytes or PROBE_LIMIT)
             if reason:
                 raise OSError(f"cannot write {path}: {reason}") from None
             if isinstance(err, OSError) and err.strerror:
@@ -135,13 +131,13 @@ def write_text_atomically(path: PathLike, text: str) -> Path:
     return write_atomically(path, write, verify, len(data))
 
 
-def _space_problem(folder: Path, size: int) -> Optional[str]:
-    """The OS's error when `size` bytes cannot be written in `folder` (full disk, quota, file
-    size limit); None when they can."""
-    probe = None
+def _probe(folder: Path, size: int) -> Optional[str]:
+    """The OS's error when a file of `size` bytes cannot be written in `folder` (read-only,
+    full disk, quota, file size limit); None when it can. The probe's name is fixed before it
+    is created, so an interruption at any point (Ctrl-C) still removes it."""
+    probe = folder / f"{PARTIAL}{uuid.uuid4().hex[:12]}.probe"
     try:
-        fd, probe = tempfile.mkstemp(prefix=PARTIAL, dir=folder)
-        with os.fdopen(fd, "wb") as f:
+        with open(probe, "xb") as f:
             block = b"\0" * (1 << 20)
             left = min(size, PROBE_LIMIT)
             while left > 0:
@@ -153,8 +149,7 @@ def _space_problem(folder: Path, size: int) -> Optional[str]:
     except OSError as err:
         return err.strerror or str(err)
     finally:
-        if probe and os.path.exists(probe):
-            os.unlink(probe)
+        probe.unlink(missing_ok=True)
 
 
 def _fsync_folder(folder: Path) -> None:
