@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -116,6 +117,19 @@ def test_make_scheduler_rejects_bad_specs():
         make_scheduler("ddim", 0)
     with pytest.raises(ValueError, match="steps"):
         scheduler_factory("unipc", 1001, DiffusionConfig())
+
+
+@pytest.mark.parametrize("name, most", [("ddim", 999), ("dpm++", 1000), ("unipc", 1000)])
+def test_every_accepted_step_count_samples_and_one_more_is_refused(name, most):
+    """LDM's DDIM timesteps (offset 1) would reach t=1000 at 1000 steps: an IndexError in
+    diffusers' step, so DDIM's limit is 999 and said before sampling."""
+    scheduler = make_scheduler(name, most)
+    x = torch.zeros(1, 2)
+    for t in scheduler.timesteps[:1].tolist() + scheduler.timesteps[-1:].tolist():
+        x = scheduler.step(torch.zeros(1, 2), t, x).prev_sample
+    assert scheduler.timesteps.max() <= 999
+    with pytest.raises(ValueError, match=re.escape(f"steps must be in 1..{most} for {name}, got {most + 1}")):
+        make_scheduler(name, most + 1)
 
 
 # ---------------------------------------------------------------- plan

@@ -26,6 +26,7 @@ Paired per-case differences: mean, 95 % bootstrap CI, exact two-sided sign test.
 
   python benchmarks/paper_tables.py               # default budget, ~25 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget quick --out-dir /tmp/pt   # seconds (CI smoke)
+  python benchmarks/paper_tables.py --budget sites32 # multi-site testbed, ~45 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget paper64 --stage data      # then train, generate, report
 
 Stages (``--stage``): data, train, generate, report, or all. Every stage keeps its results in
@@ -66,6 +67,11 @@ BUDGETS = {
     "default": dict(train=12, test=6, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500, slice=3000,
                     sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
                     seg_steps=400, resamples=3, planes=16, sites=0),
+    # The default scale on the multi-site testbed: does the informed slice matter once patients
+    # and sites differ after normalisation? ~45 min on 2 CPU cores.
+    "sites32": dict(train=24, test=12, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500,
+                    slice=3000, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
+                    seg_steps=400, resamples=3, planes=16, sites=4),
     # Closer to the paper: 64x64 slices, windows of 16, 24 training / 12 held-out cases at 4 sites.
     # CPU budget (2 cores, estimated from `default`'s measured 15 min for its training at 1/8 the
     # voxels per step): training ~3-4 h in four stages (VAE, stage 1, stage 2 + slice model,

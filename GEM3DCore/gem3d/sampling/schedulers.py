@@ -58,8 +58,9 @@ def make_scheduler(name: str, steps: int, diffusion: Optional[DiffusionConfig] =
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     common = noise_process(diffusion)
-    if not 1 <= steps <= common["num_train_timesteps"]:
-        raise ValueError(f"steps must be in 1..{common['num_train_timesteps']}, got {steps}")
+    most = common["num_train_timesteps"] - (name == "ddim")  # DDIM's offset 1 would reach t=T at T steps
+    if not 1 <= steps <= most:
+        raise ValueError(f"steps must be in 1..{most} for {name}, got {steps}")
     if eta is not None and name != "ddim":
         raise ValueError(f"eta applies to ddim only, not to {name!r}")
     if name == "ddim":
