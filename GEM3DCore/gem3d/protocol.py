@@ -12,10 +12,9 @@ import json
 import math
 import re
 import typing
-from dataclasses import fields
 from typing import IO, Iterator, Optional, Union
 
-from gem3d.request import GenerateRequest, InformedSpec, RequestError
+from gem3d.request import GenerateRequest, InformedSpec, RequestError, check_keys
 
 MAX_LINE = 1 << 20
 MAX_DEPTH = 16
@@ -76,21 +75,12 @@ def _parse(line) -> dict:
 def request_from_dict(data: dict) -> GenerateRequest:
     """A `GenerateRequest` from untrusted JSON: unknown keys, wrong types and out-of-range
     values are a RequestError naming the field."""
-    known = {f.name for f in fields(GenerateRequest)}
-    unknown = sorted(k for k in data if k not in known)
-    if unknown:
-        raise RequestError(f"unknown request key(s) {unknown}; known: {sorted(known)}")
+    check_keys(data)
     _check_types(data, GenerateRequest, "")
-    informed = data.get("informed")
-    if isinstance(informed, dict):
-        unknown = sorted(k for k in informed if k not in {f.name for f in fields(InformedSpec)})
-        if unknown:
-            raise RequestError(f"unknown informed key(s) {unknown}")
-        _check_types(informed, InformedSpec, "informed.")
+    if isinstance(data.get("informed"), dict):
+        _check_types(data["informed"], InformedSpec, "informed.")
     if data.get("steps") is not None and data["steps"] > MAX_STEPS:
         raise RequestError(f"field 'steps': at most {MAX_STEPS}, got {data['steps']}")
-    if "seed" in data and data["seed"] < 0:
-        raise RequestError(f"field 'seed': a non-negative integer, got {data['seed']}")
     if "job_id" in data:
         check_job_id(data["job_id"])
     try:

@@ -144,20 +144,11 @@ class GenerateRequest:
         if not isinstance(data, dict):
             raise RequestError(f"a request is a JSON object, got {type(data).__name__}")
         data = {k: v for k, v in data.items() if k != "type"}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RequestError(f"unknown request key(s) {unknown}; known: {sorted(known)}")
+        check_keys(data)
         missing = [k for k in ("reference", "mask", "out") if not data.get(k)]
         if missing:
             raise RequestError(f"request needs {missing}")
-        informed = data.get("informed") or {}
-        if not isinstance(informed, dict):
-            raise RequestError("informed must be an object like {\"source\": \"same\"}")
-        unknown = sorted(set(informed) - {f.name for f in fields(InformedSpec)})
-        if unknown:
-            raise RequestError(f"unknown informed key(s) {unknown}")
-        return cls(**dict(data, informed=InformedSpec(**informed)))
+        return cls(**dict(data, informed=InformedSpec(**(data.get("informed") or {}))))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,6 +156,20 @@ class GenerateRequest:
     def to_message(self) -> dict:
         """The worker's JSON `generate` line (docs/worker-protocol.md)."""
         return {"type": "generate", **self.to_dict()}
+
+
+def check_keys(data: dict) -> None:
+    """Unknown keys of a request or of its informed spec are an error that names them."""
+    known = {f.name for f in fields(GenerateRequest)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RequestError(f"unknown request key(s) {unknown}; known: {sorted(known)}")
+    informed = data.get("informed") or {}
+    if not isinstance(informed, dict):
+        raise RequestError("informed must be an object like {\"source\": \"same\"}")
+    unknown = sorted(set(informed) - {f.name for f in fields(InformedSpec)})
+    if unknown:
+        raise RequestError(f"unknown informed key(s) {unknown}")
 
 
 def cancel_message(job_id: str) -> dict:
