@@ -101,6 +101,13 @@ def test_request_path_rules(tmp_path):
     assert GenerateRequest(str(reference), str(mask), str(out), overwrite=True).path_problems() == []
     problems = GenerateRequest(str(reference), str(mask), str(reference), overwrite=True).path_problems()
     assert problems == [f"--out {reference} would overwrite an input ({reference}); choose another output path"]
+    out.unlink()
+    (tmp_path / "o.provenance.json").write_text("keep")  # the editor sees what the engine would refuse
+    assert "provenance" in " ".join(GenerateRequest(str(reference), str(mask), str(out)).path_problems())
+    source = tmp_path / "edit_source.nii.gz"
+    problems = GenerateRequest(str(reference), str(mask), str(source), overwrite=True,
+                               edits=[{"op": "paste", "source": str(source)}]).path_problems()
+    assert "would overwrite an input" in " ".join(problems)
     message = GenerateRequest(str(reference), str(mask), "o.nii.gz").with_absolute_paths().to_message()
     assert message["type"] == "generate" and os.path.isabs(message["out"])
     assert GenerateRequest.from_dict(message) == GenerateRequest.from_dict(message)

@@ -25,7 +25,7 @@ from gem3d.bundle import Bundle, load_bundle
 from gem3d.io import provenance_path, write_volume
 from gem3d.outputs import write_text_atomically
 from gem3d.pipeline import SYNTHETIC_DESCRIPTION, SYNTHETIC_MASK, Generated, Pipeline
-from gem3d.preflight import check_request_outputs, read_input
+from gem3d.preflight import output_limits, read_input
 from gem3d.request import GenerateRequest, RequestError
 from gem3d.sampling import Cancelled
 
@@ -113,12 +113,10 @@ def write_outputs(generated: Generated, request: GenerateRequest, timings: dict,
 
 
 def _check_output(request: GenerateRequest) -> None:
-    """The request's file rules (`GenerateRequest.path_problems`) and the disk's (writable
-    folders, free space, source datasets), before any model work."""
-    problems = request.path_problems()
+    """The request's file rules and the disk's (free space, source datasets), before any model work."""
+    problems = request.path_problems(*output_limits(request))
     if problems:
         raise RequestError("; ".join(problems))
-    check_request_outputs(request, provenance_path(request.out))
 
 
 def _sentence(err: BaseException) -> str:

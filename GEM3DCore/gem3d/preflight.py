@@ -14,7 +14,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from gem3d.io import extension, nifti_nonfinite_count, read_volume
-from gem3d.outputs import check_outputs
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.preflight")
@@ -22,15 +21,10 @@ DATASET_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")  # nnU-Net ra
 MIN_KEPT = 0.9  # a resampled mask must keep this share of each label's physical volume
 
 
-def check_request_outputs(request, provenance: Path) -> None:
-    """The request's outputs (image, --mask-out, provenance) against its inputs and the disk."""
-    inputs = [request.reference, request.mask, request.informed.scan]
-    inputs += [e.get("source") for e in request.edits if isinstance(e.get("source"), str)]
-    outputs: Dict[str, str] = {"--out": request.out, "provenance": str(provenance)}
-    if request.mask_out:
-        outputs["--mask-out"] = request.mask_out
-    check_outputs(outputs, inputs, request.overwrite, _expected_bytes(request.reference),
-                  protected=_datasets_of(inputs))
+def output_limits(request) -> Tuple[int, list]:
+    """What `GenerateRequest.path_problems` needs to know of the disk: the outputs' size
+    bound and the source datasets the outputs must stay out of."""
+    return _expected_bytes(request.reference), _datasets_of(request.inputs())
 
 
 def _expected_bytes(reference: str) -> int:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import List, Optional
+from typing import Dict, List, Optional
 
+from gem3d.io import provenance_path
 from gem3d.outputs import OutputError, check_outputs
 from gem3d.sampler_settings import SAMPLERS
 
@@ -115,9 +116,10 @@ class GenerateRequest:
             problems.append("informed must be an InformedSpec")
         return problems
 
-    def path_problems(self) -> List[str]:
-        """Every reason the request's files are unusable: missing inputs, or an output that
-        would replace an input or an existing file without ``overwrite``."""
+    def path_problems(self, expected_bytes: int = 0, protected=()) -> List[str]:
+        """Every reason the request's files are unusable: missing inputs, or an output (the
+        image, --mask-out, the provenance beside the image) that would replace an input or an
+        existing file without ``overwrite``, lie in a `protected` folder or not fit on disk."""
         problems = []
         scan = self.informed.scan if self.informed.source in ("other", "fixed") else None
         for key, path in (("reference", self.reference), ("mask", self.mask), ("informed.scan", scan)):
@@ -125,12 +127,23 @@ class GenerateRequest:
                 problems.append(f"the {key} file {path} does not exist")
         if self.bundle and not os.path.isfile(os.path.join(self.bundle, "bundle.json")):
             problems.append(f"the model bundle folder {self.bundle} has no bundle.json")
-        outputs = {"--out": self.out, **({"--mask-out": self.mask_out} if self.mask_out else {})}
         try:
-            check_outputs(outputs, (self.reference, self.mask, self.informed.scan), self.overwrite)
+            check_outputs(self.outputs(), self.inputs(), self.overwrite, expected_bytes, protected)
         except OutputError as err:
             problems.append(str(err))
         return problems
+
+    def inputs(self) -> List[str]:
+        """Every file the request reads (edits may name a source mask)."""
+        sources = [e.get("source") for e in self.edits if isinstance(e, dict) and isinstance(e.get("source"), str)]
+        return [p for p in (self.reference, self.mask, self.informed.scan, *sources) if p]
+
+    def outputs(self) -> Dict[str, str]:
+        """{what the user typed: path} of every file the request writes."""
+        outputs = {"--out": self.out, "provenance": str(provenance_path(self.out))}
+        if self.mask_out:
+            outputs["--mask-out"] = self.mask_out
+        return outputs
 
     def with_absolute_paths(self) -> "GenerateRequest":
         """The same request with absolute paths (the worker may run in another folder)."""
