@@ -55,7 +55,9 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
     assert set(report["informed"]) == {"same case", "another patient, same site", "another site", "slice model"}
     check = report["informed_check"]["wm"]
     assert check["cases"] == report["budget"]["test"] and check["mean_abs_d_in"] > 0
-    assert set(report["harmonisation"]) == {"before", "after", "dice_before", "dice_after"}
+    assert set(report["harmonisation"]) == {"before", "after", "dice_before", "dice_after", "anatomy"}
+    anatomy = {k: v["mean"] for k, v in report["harmonisation"]["anatomy"].items()}
+    assert anatomy["real (ceiling)"] > anatomy["another patient's real scan (floor)"] + 0.1, anatomy
     assert report["harmonisation"]["before"]["wm_across_sites"] > 0
     assert "## Informed slice" in text and "## Harmonisation" in text
     for suffix in ("montage", "table1", "samplers", "downstream"):

@@ -188,13 +188,16 @@ def case_differences(a: dict, b: dict) -> Dict[str, dict]:
             for metric in ("psnr", "ssim", "ms_ssim")}
 
 
-def normalised_means(image: np.ndarray, truth: dict, labels: np.ndarray) -> Dict[str, float]:
-    """Mean min-max-normalised intensity ([-1, 1]) of healthy white and grey matter: voxels of
-    that tissue (fraction > 0.95; > 0.5 on grids too coarse to hold 5 such voxels)."""
+def phantom_tissue(truth: dict, shape) -> Dict[str, np.ndarray]:
+    """The phantom case's tissue fractions on its grid (its ground truth, not its image)."""
     from gem3d import phantom
 
-    tissue = phantom.build_anatomy("brain", truth["patient"], image.shape,
-                                   tuple(truth["geometry"]["spacing"]))
+    return phantom.build_anatomy("brain", truth["patient"], shape, tuple(truth["geometry"]["spacing"]))
+
+
+def normalised_means(image: np.ndarray, tissue: Dict[str, np.ndarray], labels: np.ndarray) -> Dict[str, float]:
+    """Mean min-max-normalised intensity ([-1, 1]) of healthy white and grey matter: voxels of
+    that tissue (fraction > 0.95; > 0.5 on grids too coarse to hold 5 such voxels)."""
     x = (image - image.min()) / max(float(np.ptp(image)), 1e-6) * 2 - 1
     healthy = labels == 0
     out = {}
@@ -204,20 +207,48 @@ def normalised_means(image: np.ndarray, truth: dict, labels: np.ndarray) -> Dict
     return out
 
 
-def contrast_of(folder: Path, data: Path, suffix: str = "_syn00") -> Dict[str, Dict[str, float]]:
-    """normalised_means of each case in `folder` (<case><suffix>_0000.nii.gz; suffix "" for
-    the real data), with the phantom's anatomy from data/groundtruth."""
+BRAIN = ("wm", "gm", "csf", "ventricle")
+
+
+def tissue_fit(image: np.ndarray, tissue: Dict[str, np.ndarray], labels: np.ndarray) -> float:
+    """Is the patient's brain anatomy (sulci, ventricles: what the mask does not show) in the
+    image? R² of the healthy brain's intensities regressed on the phantom's tissue fractions;
+    the fit absorbs any site contrast, so only the layout counts (noise, bias and blur keep a
+    real scan below 1; another patient's scan gives the floor)."""
+    where = (labels == 0) & (sum(tissue[k] for k in BRAIN) > 0.5)
+    design = np.stack([tissue[k][where] for k in BRAIN] + [np.ones(int(where.sum()))], 1)
+    y = image[where].astype(np.float64)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return float(1 - ((y - design @ coef) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12))
+
+
+def per_case(folder: Path, data: Path, suffix: str, score, image_of=None) -> Dict[str, object]:
+    """`score(image, tissue, labels)` of each case in `folder` (<case><suffix>_0000.nii.gz;
+    suffix "" for the real data) against the case's phantom truth from data/groundtruth;
+    `image_of[case]`: score another case's image instead (a floor)."""
     from gem3d.io import read_volume
 
     out = {}
     for truth_file in sorted((data / "groundtruth").glob("*.json")):
         truth, case = json.loads(truth_file.read_text()), truth_file.stem
-        image = folder / "imagesTr" / f"{case}{suffix}_0000.nii.gz"
+        image = folder / "imagesTr" / f"{(image_of or {}).get(case, case)}{suffix}_0000.nii.gz"
         if image.exists():
+            array = read_volume(image).array.astype(np.float32)
             labels = read_volume(data / "labelsTr" / f"{case}.nii.gz").array
-            out[case] = {**normalised_means(read_volume(image).array.astype(np.float32), truth, labels),
-                         "site": truth.get("site", 0)}
+            out[case] = score(array, phantom_tissue(truth, array.shape), labels)
+            if isinstance(out[case], dict):
+                out[case]["site"] = truth.get("site", 0)
     return out
+
+
+def contrast_of(folder: Path, data: Path, suffix: str = "_syn00") -> Dict[str, Dict[str, float]]:
+    """normalised_means of each case in `folder`, with its site."""
+    return per_case(folder, data, suffix, normalised_means)
+
+
+def anatomy_kept(folder: Path, data: Path, suffix: str = "_syn00", image_of=None) -> dict:
+    """tissue_fit over the cases: mean and 95 % bootstrap CI."""
+    return paired_stats(list(per_case(folder, data, suffix, tissue_fit, image_of).values()))
 
 
 def informed_check(test: Path, same: Path, other_site: Path, partner: Dict[str, str]) -> dict:
@@ -407,6 +438,11 @@ def markdown(report: dict) -> str:
         s = h[n]
         lines.append(f"| {n} | {s['wm_across_sites']:.3f} | {s['gm_across_sites']:.3f} | {s['wm_across_cases']:.3f} | "
                      f"{s['gm_across_cases']:.3f} | {fmt(h['dice_' + n])} |")
+    lines += ["", "Is the patient's brain anatomy kept (sulci, ventricles: the mask does not show them)? R² of "
+              "healthy-brain intensities on the phantom's tissue fractions, mean [95 % bootstrap CI]:", "",
+              "| image | anatomy R² |", "|---|---|"]
+    lines += [f"| {n} | {a['mean']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] |"
+              for n, a in h.get("anatomy", {}).items()]
     lines += ["", "## Downstream: tiny segmenter, Dice on held-out real cases", "",
               "| training set | volumes | Dice WT | necrosis (1) | edema (2) | enhancing (4) |",
               "|---|---|---|---|---|---|"]
@@ -594,7 +630,13 @@ def main(argv=None) -> dict:
         report["harmonisation"] = {"before": site_spread(contrast_of(test, test, "")),
                                    "after": site_spread(contrast_of(sets["harmonised"], test, "")),
                                    "dice_before": harmonised["dice_real"]["all"],
-                                   "dice_after": harmonised["dice"]["all"]}
+                                   "dice_after": harmonised["dice"]["all"],
+                                   "anatomy": {
+                                       "real (ceiling)": anatomy_kept(test, test, ""),
+                                       "GEM-3D, own informed slice": anatomy_kept(held["GEM-3D"], test),
+                                       "harmonised": anatomy_kept(sets["harmonised"], test, ""),
+                                       "another patient's real scan (floor)": anatomy_kept(test, test, "",
+                                                                                           partners)}}
         log("evaluated")
         resamples = sets["resamples"]
         downstream_sets = {"real": [train], "GEM-3D 1x": resamples[:1], "GEM-3D 2x": resamples[:2],
