@@ -141,6 +141,13 @@ def test_empty_mask_needs_the_explicit_option(engine, brain_phantom, tmp_path):
     assert events[-1]["event"] == "finished", events[-1]
 
 
+def test_ddim_1000_steps_is_refused_before_any_model_work(engine, brain_phantom, tmp_path, monkeypatch):
+    monkeypatch.setattr(type(engine.pipeline), "_prepare", lambda *a, **k: pytest.fail("model work began"))
+    refused(run(engine, brain_phantom, tmp_path / "o.nii.gz", sampler="ddim", steps=1000),
+            "steps must be in 1..999 for ddim, got 1000")
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- outputs, checked first
 @pytest.mark.parametrize("problem", ["mask_out_is_reference", "mask_out_is_mask", "out_is_mask_out",
                                      "mask_out_exists", "provenance_exists", "no_folder", "read_only_folder",

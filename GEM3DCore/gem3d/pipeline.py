@@ -93,6 +93,9 @@ class Pipeline:
         t0 = time.perf_counter()
         timings: Dict[str, float] = {}
         rng = np.random.default_rng(request.seed)
+        sampler, steps = resolve_sampler(self.cfg.diffusion, request.sampler, request.steps)
+        conv = self.conventions
+        factory = scheduler_factory(sampler, steps, self.cfg.diffusion, request.eta, conv.alpha_to_one)
         prepared = self._prepare(reference, mask, request, rng)
         grid, n = prepared.grid, self.bundle.window_length
         Z = grid.n_slices
@@ -101,9 +104,6 @@ class Pipeline:
                                f"length {n}")
         start, start_position, informed = self._start_and_informed(request, prepared, informed_scan, rng)
         plan = plan_windows(Z, n, start, request.overlap)
-        sampler, steps = resolve_sampler(self.cfg.diffusion, request.sampler, request.steps)
-        conv = self.conventions
-        factory = scheduler_factory(sampler, steps, self.cfg.diffusion, request.eta, conv.alpha_to_one)
         ranges = [grid.model_to_reference_range(w.start, w.stop) for w in plan.windows]
         yield {"event": "started", "job_id": request.job_id, "shape": list(prepared.reference.shape),
                "geometry": prepared.reference.geometry.to_dict(), "axis": grid.axis,
