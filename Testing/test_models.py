@@ -388,3 +388,13 @@ def test_config_file_overrides_a_preset_and_rejects_unknown_keys(tmp_path):
     with pytest.raises(ValueError, match="preset"):
         load_config("huge")
     assert isinstance(Config(), Config) and VAEConfig().factor == 4
+
+
+def test_setting_a_config_attribute_that_is_not_a_field_is_an_error():
+    cfg = Config()
+    cfg.train.stage1_steps = 5
+    with pytest.raises(AttributeError, match="TrainConfig has no field 'stage1_step'.*stage1_steps"):
+        cfg.train.stage1_step = 5
+    with pytest.raises(AttributeError, match="Config has no field 'window'"):
+        cfg.window = 8
+    assert cfg.train.stage1_steps == 5 and not hasattr(cfg.train, "stage1_step")

@@ -3,7 +3,8 @@
 A `Config` fully describes the networks (so a bundle can rebuild them) and how
 to train them. Loading is strict: an unknown key is an error naming the key,
 because a misspelt option silently falling back to its default wastes a
-training run. A file may start from a preset (`preset: tiny`) and override
+training run; for the same reason setting an attribute that is not a field (in a script or a
+benchmark) is an error too. A file may start from a preset (`preset: tiny`) and override
 only what differs.
 """
 from __future__ import annotations
@@ -15,8 +16,19 @@ from pathlib import Path
 from typing import Any, Dict, Tuple, Union, get_type_hints
 
 
+class _Fields:
+    """Attributes are the dataclass's fields only: ``cfg.train.stage1_step = 5`` (a typo) is an
+    error instead of a new attribute that training never reads."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__} has no field {name!r}; its fields: "
+                                 f"{', '.join(self.__dataclass_fields__)}")
+        object.__setattr__(self, name, value)
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Fields):
     """The dataset and the model grid (what the engine resamples to)."""
 
     dataset: str = ""
@@ -28,7 +40,7 @@ class DataConfig:
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(_Fields):
     """A diffusers AutoencoderKL; one block per entry of block_out_channels."""
 
     in_channels: int = 1
@@ -47,7 +59,7 @@ class VAEConfig:
 
 
 @dataclass
-class MaskConfig:
+class MaskConfig(_Fields):
     """How a label slice becomes a conditioning latent (see models/mask_encoding.py)."""
 
     encoding: str = "vae"  # "vae" (official) | "onehot" (area fractions, no parameters)
@@ -55,7 +67,7 @@ class MaskConfig:
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(_Fields):
     """openaimodel-style UNet; attention_resolutions are downsample factors."""
 
     model_channels: int = 32
@@ -69,7 +81,7 @@ class UNetConfig:
 
 
 @dataclass
-class SliceModelConfig:
+class SliceModelConfig(_Fields):
     """Position-conditioned 2D model that generates informed slices."""
 
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -79,7 +91,7 @@ class SliceModelConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(_Fields):
     """Noise schedule (LDM "linear" = diffusers "scaled_linear"), and the step count of a sampler
     named without steps (the default sampler is `gem3d.sampler_settings`')."""
 
@@ -92,7 +104,7 @@ class DiffusionConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Fields):
     """Optimisation of the four trainable parts: own VAE, stage 1, stage 2, slice model."""
 
     lr: float = 1e-4  # stage 1 (volume UNet, 2D)
@@ -114,7 +126,7 @@ class TrainConfig:
 
 
 @dataclass
-class Config:
+class Config(_Fields):
     name: str = "tiny"
     informed_slice: bool = True  # False: the mask-only "Make-A-Volume" baseline
     window_length: int = 8  # slices the volume model sees at once: its training and sampling windows
