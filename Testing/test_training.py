@@ -106,6 +106,7 @@ def test_vae_latent_scale_gives_unit_std(trained):
     run = trained["run"]
     latents = torch.cat([z.flatten() for z in run.cache().images])
     assert trained["vae"]["latent_scale"] == pytest.approx(run.cfg.vae.scale)
+    assert run.vae().config.scaling_factor == run.cfg.vae.scale  # diffusers' copy is not stale
     assert float(latents.std()) == pytest.approx(1.0, abs=1e-3)
 
 

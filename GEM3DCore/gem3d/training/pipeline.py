@@ -156,7 +156,10 @@ class Run:
         return result
 
     def _use_vae(self, vae: torch.nn.Module, scale: float, raw=None) -> None:
+        """Use `vae` from now on; its latent scale is cfg.vae.scale (the bundle's fact), and
+        diffusers' own copy of it is kept equal for code that reads the model's config."""
         self.cfg.vae.scale = float(scale)
+        vae.register_to_config(scaling_factor=float(scale))
         self._vae = vae.eval().requires_grad_(False)
         self._cache, self._raw = None, raw
 
