@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -20,10 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gem3d import config as config_lib
-from gem3d.bundle_format import (FORMAT, FORMAT_VERSION, PARTS, BundleError, describe_config,
+from gem3d.bundle_format import (FORMAT, FORMAT_VERSION, PARTS, BundleError, BundleFacts, describe_config,
                                  read_info)
 from gem3d.config import Config
-from gem3d.labels import LabelMap
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -35,7 +34,7 @@ def cpu_tensors(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 @dataclass
-class Bundle:
+class Bundle(BundleFacts):
     """A loaded bundle: configuration, conventions and the modules (eval mode)."""
 
     path: Path
@@ -44,19 +43,6 @@ class Bundle:
     vae: torch.nn.Module
     unet: torch.nn.Module
     slice_model: Optional[torch.nn.Module] = None
-    extra: Dict[str, object] = field(default_factory=dict)
-
-    @property
-    def label_map(self) -> LabelMap:
-        return LabelMap.from_dict(self.info["label_map"])
-
-    @property
-    def window_length(self) -> int:
-        return int(self.info["window_length"])
-
-    @property
-    def slice_size(self) -> int:
-        return int(self.info["slice_size"])
 
     def to(self, device: Union[str, torch.device]) -> "Bundle":
         for module in (self.vae, self.unet, self.slice_model):

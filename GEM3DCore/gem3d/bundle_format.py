@@ -104,19 +104,11 @@ def read_info(path: Union[str, Path]) -> dict:
     return info
 
 
-@dataclass(frozen=True)
-class BundleInfo:
-    """What a bundle is, from its checked bundle.json: what the editor shows and checks against."""
+class BundleFacts:
+    """What a bundle is, answered from its configuration (bundle.json's summary is derived
+    from it): one definition for the description (`BundleInfo`) and the loaded bundle."""
 
-    path: Path
-    name: str
     config: Config
-    label_map: LabelMap
-    sampler: str
-    steps: int
-    volumetric: bool
-    parts: Tuple[str, ...]
-    info: dict
 
     @property
     def modality(self) -> str:
@@ -128,7 +120,25 @@ class BundleInfo:
 
     @property
     def window_length(self) -> int:
-        return int(self.info["window_length"])
+        return self.config.window_length
+
+    @property
+    def label_map(self) -> LabelMap:
+        return cfg_label_map(self.config)
+
+
+@dataclass(frozen=True)
+class BundleInfo(BundleFacts):
+    """A bundle's checked bundle.json, without its weights: what the editor shows and checks against."""
+
+    path: Path
+    name: str
+    config: Config
+    sampler: str
+    steps: int
+    volumetric: bool
+    parts: Tuple[str, ...]
+    info: dict
 
     @property
     def has_slice_model(self) -> bool:
@@ -145,5 +155,5 @@ def read_bundle_info(path: Union[str, Path]) -> BundleInfo:
     """The checked bundle.json of the bundle folder `path` (BundleError if unusable)."""
     info = read_info(path)
     return BundleInfo(Path(path).resolve(), str(info.get("name", "")), config_lib.from_dict(info["config"]),
-                      LabelMap.from_dict(info["label_map"]), info["sampler"]["name"],
+                      info["sampler"]["name"],
                       int(info["sampler"]["steps"]), bool(info["volumetric"]), tuple(info["weights"]), info)
