@@ -52,8 +52,10 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
     assert "| GEM-3D - baseline | " in text and "p " in text
     # the multi-site testbed: informed slice from the same case / site / another site / the slice model,
     # the contrast check on the other-site swap, and harmonisation's across-site spread before and after
-    assert set(report["informed"]) == {"same case", "another patient, same site", "another site", "slice model"}
-    check = report["informed_check"]["wm"]
+    assert set(report["informed"]) == {"same case", "another patient, same site", "another site", "slice model",
+                                       "another site, kept for every window"}
+    assert set(report["informed_check"]) == {"chained (default)", "kept for every window"}
+    check = report["informed_check"]["chained (default)"]["wm"]
     assert check["cases"] == report["budget"]["test"] and check["mean_abs_d_in"] > 0
     assert set(report["harmonisation"]) == {"before", "after", "dice_before", "dice_after", "anatomy"}
     anatomy = {k: v["mean"] for k, v in report["harmonisation"]["anatomy"].items()}

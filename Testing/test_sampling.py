@@ -251,6 +251,23 @@ def test_later_windows_are_informed_by_the_generated_overlap_slice():
     assert seen == set(plan.windows) and len(plan.windows) == 4
 
 
+def test_without_the_chain_every_window_is_informed_by_the_original_slice():
+    """The ablation `Switches(chain_informed=False)`: the informed slice's contrast is not
+    handed on through generated overlap slices."""
+    Z = 3 * N - 2
+    X0 = torch.randn(Z, C, H, W)
+    calls = []
+    plan = plan_windows(Z, N, start_slice(0.5, Z, N), chain_informed=False)
+    assert [w.informed_index for w in plan.windows] == [None] * 4
+    assert [w.known for w in plan.windows] == [w.known for w in plan_windows(Z, N, start_slice(0.5, Z, N)).windows]
+    prop = propagate(oracle(X0, calls), slice_index_masks(Z), X0[plan.first.start], plan,
+                     scheduler_factory(**SAMPLER_ARGS["dpm++"]), torch.Generator().manual_seed(0))
+    list(prop)
+    assert all(torch.equal(informed[b], X0[plan.first.start]) for *_, informed in calls
+               for b in range(informed.shape[0]))
+    torch.testing.assert_close(prop.volume, X0, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
 def test_batched_directions_equal_sequential_windows(sampler):
     batch_sizes = {True: [], False: []}

@@ -105,6 +105,7 @@ def peak_memory(device: torch.device, record: dict):
 
 
 def run_once(engine, ref: str, mask: str, out: Path, sampler: str, steps: int, batched: bool) -> dict:
+    from gem3d.pipeline import Switches
     from gem3d.request import GenerateRequest
 
     calls = {"n": 0, "windows": 0}
@@ -120,7 +121,7 @@ def run_once(engine, ref: str, mask: str, out: Path, sampler: str, steps: int, b
     try:
         with peak_memory(engine.device, record):
             t0 = time.perf_counter()
-            for event in engine.generate(request, batch_directions=batched):
+            for event in engine.generate(request, switches=Switches(batch_directions=batched)):
                 if event["event"] == "window":
                     windows += 1
                     first = first if first is not None else time.perf_counter() - t0

@@ -24,7 +24,7 @@ from gem3d import conventions as conventions_lib
 from gem3d.bundle import Bundle, load_bundle
 from gem3d.io import provenance_path, write_volume
 from gem3d.outputs import write_text_atomically
-from gem3d.pipeline import SYNTHETIC_DESCRIPTION, SYNTHETIC_MASK, Generated, Pipeline
+from gem3d.pipeline import SYNTHETIC_DESCRIPTION, SYNTHETIC_MASK, Generated, Pipeline, Switches
 from gem3d.preflight import output_limits, read_input
 from gem3d.request import GenerateRequest, RequestError
 from gem3d.sampling import Cancelled
@@ -55,12 +55,11 @@ class Engine:
         self.pipeline = Pipeline(self.bundle, self.device, conv)
 
     def generate(self, request: GenerateRequest, cancel: Optional[Callable[[], bool]] = None, *,
-                 batch_directions: bool = True, replace_known: bool = True) -> Iterator[dict]:
-        """``batch_directions`` / ``replace_known``: benchmark and ablation switches (up and
-        down windows in one batch; known-frame replacement of the overlap), see `propagate`."""
+                 switches: Switches = Switches()) -> Iterator[dict]:
+        """``switches``: benchmark and ablation switches (`gem3d.pipeline.Switches`)."""
         job = request.job_id
         try:
-            yield from self._generate(request, cancel, batch_directions, replace_known)
+            yield from self._generate(request, cancel, switches)
         except Cancelled:
             yield {"event": "cancelled", "job_id": job}
         except (ValueError, OSError, RuntimeError) as err:
@@ -70,16 +69,14 @@ class Engine:
             log.exception("job %s crashed", job)
             yield {"event": "error", "job_id": job, "message": f"internal error: {type(err).__name__}: {err}"}
 
-    def _generate(self, request: GenerateRequest, cancel, batch_directions: bool,
-                  replace_known: bool) -> Iterator[dict]:
+    def _generate(self, request: GenerateRequest, cancel, switches: Switches) -> Iterator[dict]:
         t0 = time.perf_counter()
         _check_output(request)
         reference, mask = read_input(request.reference, "reference"), read_input(request.mask, "mask")
         scan = (read_input(request.informed.scan, "informed scan")
                 if request.informed.source in ("other", "fixed") else None)
         timings = {"read": time.perf_counter() - t0}
-        for event in self.pipeline.run(reference, mask, request, scan, cancel,
-                                       batch_directions=batch_directions, replace_known=replace_known):
+        for event in self.pipeline.run(reference, mask, request, scan, cancel, switches):
             if event["event"] == "window" and "first_window" not in timings:
                 timings["first_window"] = time.perf_counter() - t0
             if event["event"] != "generated":

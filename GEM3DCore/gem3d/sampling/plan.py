@@ -57,8 +57,10 @@ def start_slice(position: float, Z: int, n: int) -> int:
     return max(min(math.floor(position * Z), Z - n), 0)
 
 
-def plan_windows(Z: int, n: int, start: int, overlap: int = 1) -> WindowPlan:
-    """Plan the windows for ``Z`` slices, windows of ``n`` slices, the first one at slice ``start``."""
+def plan_windows(Z: int, n: int, start: int, overlap: int = 1, chain_informed: bool = True) -> WindowPlan:
+    """Plan the windows for ``Z`` slices, windows of ``n`` slices, the first one at slice ``start``.
+    ``chain_informed``: each later window is informed by its neighbour's generated overlap slice
+    (the paper); False: every window by the caller's informed slice."""
     if Z < n:
         raise ValueError(f"the volume has {Z} slices, fewer than the window length {n}")
     if isinstance(start, bool) or int(start) != start or not 0 <= start <= Z - n:
@@ -71,13 +73,15 @@ def plan_windows(Z: int, n: int, start: int, overlap: int = 1) -> WindowPlan:
     up, prev = [], first
     while prev.stop < Z:
         start = min(prev.stop - overlap, Z - n)
-        prev = Window(start, start + n, "up", tuple(range(prev.stop - start)), prev.stop - 1)
+        prev = Window(start, start + n, "up", tuple(range(prev.stop - start)),
+                      prev.stop - 1 if chain_informed else None)
         up.append(prev)
 
     down, prev = [], first
     while prev.start > 0:
         start = max(prev.start + overlap - n, 0)
-        prev = Window(start, start + n, "down", tuple(range(prev.start - start, n)), prev.start)
+        prev = Window(start, start + n, "down", tuple(range(prev.start - start, n)),
+                      prev.start if chain_informed else None)
         down.append(prev)
 
     return WindowPlan(Z, n, overlap, first, tuple(up), tuple(down))
