@@ -18,10 +18,13 @@ paper's Make-A-Volume-style baseline; same VAE, same steps) with the training co
 - Informed slice (held-out): from the same case, another patient of the same site, a case of
   another site, or the slice model; and the check that an informed slice from another site
   moves the output's contrast toward that site (slope of the output's change in normalised
-  white/grey-matter means on the informed case's difference: 0 = ignored, 1 = carried).
+  white/grey-matter means on the informed case's difference: 0 = ignored, 1 = carried), with
+  the paper's chain (later windows informed by the generated overlap slice) and with the
+  informed slice kept for every window (`Switches(chain_informed=False)`).
 - Harmonisation: every held-out case generated from one fixed informed slice (`gem3d
-  harmonize`'s plan); across-site spread of normalised tissue means before and after, and
-  mask adherence kept.
+  harmonize`'s plan); across-site spread of normalised tissue means before and after, mask
+  adherence kept, and anatomy kept (R² of the brain's intensities on the phantom's tissue
+  fractions, between a real scan's ceiling and another patient's floor).
 Paired per-case differences: mean, 95 % bootstrap CI, exact two-sided sign test.
 
   python benchmarks/paper_tables.py               # default budget, ~25 min on 2 CPU cores
