@@ -9,7 +9,9 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 
 from gem3d.cli import main
+from gem3d.bundle_format import DEMO_BUNDLE
 from gem3d.engine import Engine
+from gem3d.pipeline import Switches
 from gem3d.io import provenance_path
 from gem3d.io import read_description, read_volume, write_volume
 from gem3d.request import GenerateRequest, InformedSpec
@@ -66,6 +68,25 @@ def test_seeded_runs_are_bitwise_reproducible(engine, brain_phantom, tmp_path):
         arrays.append(read_volume(tmp_path / f"{name}.nii.gz").array)
     assert np.array_equal(arrays[0], arrays[1])
     assert not np.array_equal(arrays[0], arrays[2])
+
+
+def test_switches_reach_the_sampling_loop(brain_phantom, tmp_path):
+    """Only the windows after the first change when they keep the original informed slice (the
+    demo bundle: the random tiny one predicts the same noise whatever it is informed by)."""
+    engine = Engine(DEMO_BUNDLE, device="cpu")
+    reference, mask = case(brain_phantom)
+    arrays = {}
+    for name, switches in (("chain", Switches()), ("kept", Switches(chain_informed=False))):
+        out = tmp_path / f"{name}.nii.gz"
+        events = list(engine.generate(GenerateRequest(reference=reference, mask=mask, out=str(out), start=0.5,
+                                                      steps=2, seed=5), switches=switches))
+        assert events[-1]["event"] == "finished", events[-1]
+        arrays[name] = read_volume(out).array
+    first, axis = events[0]["plan"][0], events[0]["axis"]  # in the reference's slice order
+    inside = [slice(None)] * 3
+    inside[axis] = slice(first["start"] + 1, first["stop"] - 1)  # the first window, less its overlaps
+    np.testing.assert_array_equal(arrays["chain"][tuple(inside)], arrays["kept"][tuple(inside)])
+    assert not np.array_equal(arrays["chain"], arrays["kept"])
 
 
 def test_picked_slice_places_the_first_window(engine, brain_phantom, tmp_path):

@@ -76,7 +76,7 @@ class Engine:
         scan = (read_input(request.informed.scan, "informed scan")
                 if request.informed.source in ("other", "fixed") else None)
         timings = {"read": time.perf_counter() - t0}
-        for event in self.pipeline.run(reference, mask, request, scan, cancel, switches):
+        for event in self.pipeline.run(reference, mask, request, scan, cancel, switches=switches):
             if event["event"] == "window" and "first_window" not in timings:
                 timings["first_window"] = time.perf_counter() - t0
             if event["event"] != "generated":
