@@ -29,7 +29,7 @@ Paired per-case differences: mean, 95 % bootstrap CI, exact two-sided sign test.
 
   python benchmarks/paper_tables.py               # default budget, ~25 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget quick --out-dir /tmp/pt   # seconds (CI smoke)
-  python benchmarks/paper_tables.py --budget sites32 # multi-site testbed, ~45 min on 2 CPU cores
+  python benchmarks/paper_tables.py --budget sites32 # multi-site testbed, ~75 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget paper64 --stage data      # then train, generate, report
 
 Stages (``--stage``): data, train, generate, report, or all. Every stage keeps its results in
@@ -71,7 +71,7 @@ BUDGETS = {
                     sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
                     seg_steps=400, resamples=3, planes=16, sites=0),
     # The default scale on the multi-site testbed: does the informed slice matter once patients
-    # and sites differ after normalisation? ~45 min on 2 CPU cores.
+    # and sites differ after normalisation? ~75 min on 2 CPU cores (measured: BENCHMARKS.md).
     "sites32": dict(train=24, test=12, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500,
                     slice=3000, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
                     seg_steps=400, resamples=3, planes=16, sites=4),
@@ -225,10 +225,10 @@ def tissue_fit(image: np.ndarray, tissue: Dict[str, np.ndarray], labels: np.ndar
     return float(1 - ((y - design @ coef) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-12))
 
 
-def per_case(folder: Path, data: Path, suffix: str, score, image_of=None) -> Dict[str, object]:
-    """`score(image, tissue, labels)` of each case in `folder` (<case><suffix>_0000.nii.gz;
-    suffix "" for the real data) against the case's phantom truth from data/groundtruth;
-    `image_of[case]`: score another case's image instead (a floor)."""
+def per_case(folder: Path, data: Path, suffix: str, score, image_of=None) -> Dict[str, tuple]:
+    """{case: (its phantom truth, `score(image, tissue, labels)`)} for each case in `folder`
+    (<case><suffix>_0000.nii.gz; suffix "" for the real data), scored against the case's truth
+    from data/groundtruth; `image_of[case]`: score another case's image instead (a floor)."""
     from gem3d.io import read_volume
 
     out = {}
@@ -238,20 +238,19 @@ def per_case(folder: Path, data: Path, suffix: str, score, image_of=None) -> Dic
         if image.exists():
             array = read_volume(image).array.astype(np.float32)
             labels = read_volume(data / "labelsTr" / f"{case}.nii.gz").array
-            out[case] = score(array, phantom_tissue(truth, array.shape), labels)
-            if isinstance(out[case], dict):
-                out[case]["site"] = truth.get("site", 0)
+            out[case] = truth, score(array, phantom_tissue(truth, array.shape), labels)
     return out
 
 
 def contrast_of(folder: Path, data: Path, suffix: str = "_syn00") -> Dict[str, Dict[str, float]]:
     """normalised_means of each case in `folder`, with its site."""
-    return per_case(folder, data, suffix, normalised_means)
+    return {case: {**means, "site": truth.get("site", 0)}
+            for case, (truth, means) in per_case(folder, data, suffix, normalised_means).items()}
 
 
 def anatomy_kept(folder: Path, data: Path, suffix: str = "_syn00", image_of=None) -> dict:
     """tissue_fit over the cases: mean and 95 % bootstrap CI."""
-    return paired_stats(list(per_case(folder, data, suffix, tissue_fit, image_of).values()))
+    return paired_stats([fit for _, fit in per_case(folder, data, suffix, tissue_fit, image_of).values()])
 
 
 def informed_check(test: Path, same: Path, other_site: Path, partner: Dict[str, str]) -> dict:
@@ -582,16 +581,17 @@ def main(argv=None) -> dict:
                          "no overlapped inpainting": gen("test_no_oi", "gem3d", test_cases, same,
                                                          switches=Switches(replace_known=False)),
                          "no volumetric tuning": gen("test_no_vt", "gem3d_stage1", test_cases, same),
-                "informed slice kept for every window": gen("test_kept", "gem3d", test_cases, same,
-                                                            switches=kept_informed)},
+                         "informed slice kept for every window": gen("test_kept", "gem3d", test_cases, same,
+                                                                     switches=kept_informed)},
                 "samplers": {f"{s}-{k}": gen(f"test_{s}{k}", "gem3d", test_cases, same, sampler=(s, k))
                              for s, k in b["samplers"]},
                 "informed": {"same case": syn / "test_gem3d",
                              "another patient, same site": gen("test_other_patient", "gem3d", test_cases,
                                                                held_out(True)),
                              "another site": gen("test_other_site", "gem3d", test_cases, held_out(False)),
-                "another site, kept for every window": gen("test_other_site_kept", "gem3d", test_cases,
-                                                           held_out(False), switches=kept_informed),
+                             "another site, kept for every window": gen("test_other_site_kept", "gem3d",
+                                                                        test_cases, held_out(False),
+                                                                        switches=kept_informed),
                              "slice model": gen("test_generated", "gem3d", test_cases, generated)},
                 "table1": {"ic": gen("ic", "gem3d", train_cases, other(0)),
                            "icma": gen("icma", "gem3d", train_cases, other(0), augment="paper"),
