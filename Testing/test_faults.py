@@ -207,6 +207,14 @@ def test_an_interrupted_folder_probe_leaves_no_file(tmp_path, monkeypatch, size)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_probe_left_by_a_killed_run_is_removed_by_the_next_check(tmp_path):
+    """SIGKILL during the folder probe leaves it (a CI run found one after a resumed enhance)."""
+    (tmp_path / f"{PARTIAL}0123456789ab.probe").write_bytes(b"")
+    (tmp_path / "keep.nii.gz").write_bytes(b"user file")
+    check_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.nii.gz"]
+
+
 # ----------------------------------------------------------------------------- atomic, verified writes
 def test_full_disk_gives_the_os_message_and_leaves_nothing(tiny_bundle, brain_phantom, tmp_path):
     """A real file-size limit (RLIMIT_FSIZE) makes every large write fail as a full disk does."""

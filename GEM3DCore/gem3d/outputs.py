@@ -5,7 +5,7 @@ would replace an input is found before minutes of sampling, not after. `write_at
 writes into a temporary file in the destination folder, fsyncs it, verifies it and renames it
 into place: a reader sees the old file or the complete new one, never a partial one, and a
 failed write leaves nothing behind (leftovers of a killed process are removed by the next
-write to the same path).
+write to the same path, or by the next probe of the folder).
 """
 from __future__ import annotations
 
@@ -134,9 +134,13 @@ def write_text_atomically(path: PathLike, text: str) -> Path:
 def _probe(folder: Path, size: int) -> Optional[str]:
     """The OS's error when a file of `size` bytes cannot be written in `folder` (read-only,
     full disk, quota, file size limit); None when it can. The probe's name is fixed before it
-    is created, so an interruption at any point (Ctrl-C) still removes it."""
+    is created, so an interruption at any point (Ctrl-C) still removes it; probes a killed
+    process left are removed first (removing another process's live probe is harmless: its
+    writes go on into the unlinked file)."""
     probe = folder / f"{PARTIAL}{uuid.uuid4().hex[:12]}.probe"
     try:
+        for stale in folder.glob(f"{PARTIAL}*.probe"):
+            stale.unlink(missing_ok=True)
         with open(probe, "xb") as f:
             block = b"\0" * (1 << 20)
             left = min(size, PROBE_LIMIT)
