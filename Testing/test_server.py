@@ -56,13 +56,16 @@ def data_root(tmp_path_factory, brain_phantom):
 def server(tiny_bundle, data_root, tmp_path_factory):
     token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text(TOKEN + "\n")
+    temp = tmp_path_factory.mktemp("server_temp")
     s = bench.ServerProcess([tiny_bundle, DEMO_BUNDLE], "--token-file", str(token_file), "--data-root",
                             str(data_root), "--max-upload-mb", "1", "--max-jobs-per-client", "3",
-                            "--keep-results", "120", env=ONE_THREAD)
+                            "--keep-results", "120", env=dict(ONE_THREAD, TMPDIR=str(temp)))
+    assert [p.name[:12] for p in temp.iterdir()] == ["gem3d-serve-"]  # its work folder: uploads, results
     yield s
     s.stop()
     log = s.output()
     assert TOKEN not in log and "brain_000" not in log and "scan.nii.gz" not in log, log
+    assert list(temp.iterdir()) == [], "a stopped server must not leave uploaded scans in the temp folder"
 
 
 def tiny_request(phantom, out, job_id="j", **extra):
@@ -214,7 +217,7 @@ def test_cancel_mid_job(server, brain_phantom, tmp_path):
 
 
 def test_server_killed_mid_job_is_an_error_event(tiny_bundle, brain_phantom, tmp_path):
-    s = bench.ServerProcess([tiny_bundle], env=ONE_THREAD)
+    s = bench.ServerProcess([tiny_bundle], env=dict(ONE_THREAD, TMPDIR=str(tmp_path)))  # SIGKILL: no clean-up
     try:
         c = client(s.url, None)
         job = c.generate(tiny_request(brain_phantom, tmp_path / "k.nii.gz", "k", sampler="ddim", steps=400))
@@ -230,6 +233,30 @@ def test_server_killed_mid_job_is_an_error_event(tiny_bundle, brain_phantom, tmp
         s.stop()
     assert end is not None and end["event"] == "error" and end["job_id"] == job, end
     assert "lost" in end["message"] and s.url in end["message"]
+
+
+def test_server_stopped_mid_job_cancels_it_and_removes_its_work_folder(tiny_bundle, brain_phantom, tmp_path):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    s = bench.ServerProcess([tiny_bundle], env=dict(ONE_THREAD, TMPDIR=str(temp)))
+    try:
+        c = client(s.url, None)
+        c.generate(tiny_request(brain_phantom, tmp_path / "t.nii.gz", "t", sampler="ddim", steps=400))
+        deadline = time.monotonic() + 60
+        while not any(e["event"] == "started" for e in c.poll(timeout=0.2)) and time.monotonic() < deadline:
+            pass
+        assert [p.name[:12] for p in temp.iterdir()] == ["gem3d-serve-"]
+        s.process.terminate()
+        end = None
+        while end is None and time.monotonic() < deadline:
+            end = next((e for e in c.poll(timeout=0.2) if e["event"] in ("cancelled", "finished", "error")), None)
+        code = s.process.wait(timeout=30)
+    finally:
+        s.stop()
+    log = s.output()
+    assert code == 0 and "stopped by SIGTERM" in log and "Traceback" not in log, log
+    assert end is not None and end["event"] == "cancelled", end
+    assert list(temp.iterdir()) == [] and not (tmp_path / "t.nii.gz").exists()
 
 
 def test_malformed_and_oversized_uploads_and_requests(server, brain_phantom, tmp_path):

@@ -104,7 +104,7 @@ def make_config(b: dict, informed: bool = True, stage2: bool = True, slice_model
     t.vae_steps, t.stage1_steps = b["vae"], b["stage1"]
     t.stage2_steps = b["stage2"] if stage2 else 0
     t.slice_steps = b["slice"] if informed and slice_model else 0
-    t.checkpoint_every, t.preview_every = 0, 0
+    t.checkpoint_every, t.preview_every = 250, 0  # a stopped training resumes mid-model
     return cfg
 
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import socket
+import shutil
 import statistics
 import subprocess
 import sys
@@ -257,6 +258,7 @@ def main(argv=None) -> int:
             args.clients, args.jobs)
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     load_average["end"] = os.getloadavg()[0]
     med = {name: {k: statistics.median(run[k] for run in runs) for k in ("total_s", "first_window_s", "cpu_s")}
            for name, runs in (("local", local), ("remote", remote))}

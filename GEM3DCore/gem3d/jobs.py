@@ -107,6 +107,7 @@ class DeviceQueue:
         self.keep_s = keep_s
         self.queue: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.pending = 0  # queued or running
+        self.stopping = False  # the server is stopping: every job is cancelled
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name=f"gem3d-{device}", daemon=True)
 
@@ -135,12 +136,15 @@ class DeviceQueue:
                     self.pending -= 1
 
     def _generate(self, job: Job) -> None:
-        if job.cancel_requested:
+        def cancelled() -> bool:
+            return job.cancel_requested or self.stopping
+
+        if cancelled():
             job.add({"event": "cancelled"}, self.keep_s)
             return
         job.state = "running"
         log.info("job %s runs on %s", job.id, self.device)
-        for event in self.engines[job.bundle].generate(job.request, cancel=lambda: job.cancel_requested):
+        for event in self.engines[job.bundle].generate(job.request, cancel=cancelled):
             job.add(event, self.keep_s)
         log.info("job %s ended: %s", job.id, job.state)
 
@@ -167,11 +171,20 @@ class JobStore:
             q.thread.start()
         threading.Thread(target=self._expire_forever, name="gem3d-expiry", daemon=True).start()
 
-    def stop(self) -> None:
-        for job in list(self.jobs.values()):
-            job.cancel_requested = True
+    def begin_stop(self) -> None:
+        """Cancel every job, queued or running (safe in a signal handler: it only sets flags),
+        so that their event streams end with "cancelled" instead of being cut."""
+        for q in self.queues.values():
+            q.stopping = True
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Cancel every job and wait for the device threads, so that no job writes into a work
+        folder that is about to be removed."""
+        self.begin_stop()
         for q in self.queues.values():
             q.queue.put(None)
+        for q in self.queues.values():
+            q.thread.join(timeout_s)
 
     # ------------------------------------------------------------------ uploads
     def new_upload_path(self, suffix: str) -> Tuple[str, Path]:

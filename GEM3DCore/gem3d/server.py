@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,8 +325,23 @@ def run(settings: Settings, host: str, port: int) -> None:
     store.start()
     log.info("serving %d bundle(s) on %s at http://%s:%d (token %s)", len(settings.bundles),
              ", ".join(settings.devices), host, port, "required" if settings.token else "not required")
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            store.begin_stop()  # running jobs end within uvicorn's graceful shutdown
+            super().handle_exit(sig, frame)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stopped)
+    config = uvicorn.Config(build_app(settings, store), host=host, port=port, log_level="info",
+                            timeout_graceful_shutdown=3)
     try:
-        uvicorn.run(build_app(settings, store), host=host, port=port, log_level="info",
-                    timeout_graceful_shutdown=3)
+        Server(config).run()
     finally:
         store.stop()
+
+
+def _stopped(signum, frame) -> None:
+    """uvicorn re-raises the signal that stopped it, once it has stopped; the signal's default
+    action would end the process before the jobs are cancelled and the temporary work folder
+    (uploaded scans) is removed, so it is only logged."""
+    log.info("stopped by %s", signal.Signals(signum).name)

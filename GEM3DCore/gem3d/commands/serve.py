@@ -1,6 +1,7 @@
 """`gem3d serve`: the engine as an HTTP service for a GPU server (gem3d.server)."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import tempfile
@@ -79,15 +80,16 @@ def serve(bundles, host, port, token_file, devices, data_root, work_dir, max_upl
         bundles = (str(DEMO_BUNDLE),)
     from gem3d.server import Settings
 
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="gem3d-serve-"))
-    settings = Settings(bundles=bundle_names(bundles), devices=device_list, work_dir=work, token=token,
-                        data_root=Path(data_root).resolve() if data_root else None,
-                        max_upload_bytes=int(max_upload_mb * 2**20), max_jobs_per_client=max_jobs_per_client,
-                        max_queued=max_queued, keep_s=keep_s, cors_origins=list(cors_origins))
     logging.basicConfig(level=logging.INFO, format="gem3d-serve %(levelname)s %(message)s")
     from gem3d.server import run
 
-    try:
-        run(settings, host, port)
-    except (ValueError, OSError, RuntimeError) as err:
-        raise click.ClickException(str(err))
+    # A temporary work folder holds patients' uploads: it goes when the server stops.
+    with contextlib.nullcontext(work_dir) if work_dir else tempfile.TemporaryDirectory(prefix="gem3d-serve-") as work:
+        settings = Settings(bundles=bundle_names(bundles), devices=device_list, work_dir=Path(work), token=token,
+                            data_root=Path(data_root).resolve() if data_root else None,
+                            max_upload_bytes=int(max_upload_mb * 2**20), max_jobs_per_client=max_jobs_per_client,
+                            max_queued=max_queued, keep_s=keep_s, cors_origins=list(cors_origins))
+        try:
+            run(settings, host, port)
+        except (ValueError, OSError, RuntimeError) as err:
+            raise click.ClickException(str(err))
