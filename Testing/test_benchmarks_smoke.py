@@ -80,7 +80,8 @@ def test_demo_bundle_recipe_runs_end_to_end(tmp_path):
     the model; Testing/test_demo.py checks what the shipped bundle learned)."""
     from gem3d.bundle import load_bundle
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               TMPDIR=str(tmp_path))  # torchrun's logs stay with the test
     result = subprocess.run(["bash", str(ROOT / "benchmarks" / "train_demo_bundle.sh"), str(tmp_path), "--smoke"],
                             capture_output=True, text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]

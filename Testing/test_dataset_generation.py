@@ -70,7 +70,7 @@ def test_harmonize_uses_one_fixed_slice(tiny_bundle, brain_phantom, tmp_path):
 
 def test_torchrun_two_ranks_share_the_work(tiny_bundle, brain_phantom, tmp_path):
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path))  # torchrun's logs
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
          "-m", "gem3d", "enhance", "--bundle", str(tiny_bundle), "--dataset", str(brain_phantom),

@@ -41,7 +41,7 @@ def test_two_processes_stay_in_sync(tmp_path):
     save_config(cfg, tmp_path / "cfg.yaml")
     (tmp_path / "worker.py").write_text(WORKER)
     run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path))  # torchrun's logs
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(tmp_path / "worker.py"), str(tmp_path / "cfg.yaml"), str(tmp_path / "data"),
                            str(run_dir)], env=env, capture_output=True, text=True, timeout=300)
