@@ -30,14 +30,15 @@ Paired per-case differences: mean, 95 % bootstrap CI, exact two-sided sign test.
   python benchmarks/paper_tables.py               # default budget, ~25 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget quick --out-dir /tmp/pt   # seconds (CI smoke)
   python benchmarks/paper_tables.py --budget sites32 # multi-site testbed, ~75 min on 2 CPU cores
-  python benchmarks/paper_tables.py --budget paper64 --stage data      # then train, generate, report
+  python benchmarks/paper_tables.py --budget paper64 --work DIR    # paper's windows, ~2.6 h; re-run after a stop
 
-Stages (``--stage``): data, train, generate, report, or all. Every stage keeps its results in
---work and skips what is there, so a run stopped anywhere resumes where it stopped.
+Stages (``--stage``): data, train (GEM-3D), baseline, generate, report, or all. Every stage keeps
+its results in --work and skips what is there (training resumes from its last checkpoint,
+generation from its last finished set), so a run stopped anywhere resumes where it stopped.
 
 Deviations from the paper, for CPU scale: v-prediction instead of eps (as configs/demo.yaml:
 an eps model has not learnt the high-noise end after a few thousand steps), one-hot mask
-encoding, 32 px slices, and the main tables use the budget's fast sampler (the paper used
+encoding, 32 px slices (64 in paper64), and the main tables use the budget's fast sampler (the paper used
 DDIM-200; the sampler ablation shows what that changes). Results: paper_tables_<budget>.md/.json, plots and a
 montage in --out-dir (default benchmarks/results); work files in --work.
 """
@@ -84,7 +85,7 @@ BUDGETS = {
                     slice=1500, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
                     seg_steps=400, resamples=3, planes=16, sites=4),
 }
-STAGES = ("data", "train", "generate", "report")
+STAGES = ("data", "train", "baseline", "generate", "report")
 SETTINGS = ("ic", "icma", "ig", "igma")
 
 
@@ -108,16 +109,17 @@ def make_config(b: dict, informed: bool = True, stage2: bool = True, slice_model
     return cfg
 
 
-def train_models(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
-    """GEM-3D (bundle + stage-1-only bundle) and the baseline (same VAE), via gem3d.training."""
+def train_gem3d(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
+    """GEM-3D via gem3d.training: VAE, stage 1 (also bundled alone: the no-volumetric-tuning
+    ablation), stage 2 and the slice model."""
     from gem3d.training import Run, init
 
-    ctx = init("cpu")
-    gem, base = work / "gem3d", work / "baseline"
-    bundles = {"gem3d": gem / "bundle", "gem3d_stage1": gem / "bundle_stage1", "baseline": base / "bundle"}
+    gem = work / "gem3d"
+    bundles = {"gem3d": gem / "bundle", "gem3d_stage1": gem / "bundle_stage1"}
     if all((p / "bundle.json").exists() for p in bundles.values()):
         return bundles
     command = f"benchmarks/paper_tables.py --budget {b['name']}"
+    ctx = init("cpu")
     run = Run(make_config(b), data, gem, ctx)
     results = {name: run.train(name) for name in ("vae", "stage1")}
     stage1_only = Run(make_config(b, stage2=False, slice_model=False), data, gem, ctx)
@@ -125,15 +127,31 @@ def train_models(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
     os.replace(stage1_only.write_bundle(command + " (stage 1 only)"), bundles["gem3d_stage1"])
     results.update({name: run.train(name) for name in ("stage2", "slice")})
     run.write_bundle(command)
-    cfg_b = make_config(b, informed=False)
-    cfg_b.train.vae_steps = 0
-    cfg_b.vae.scale = float(run.result("vae")["latent_scale"])
-    baseline = Run(cfg_b, data, base, ctx, vae_weights=run.output("vae"))
-    results.update({f"baseline_{name}": baseline.train(name) for name in ("vae", "stage1", "stage2")})
-    baseline.write_bundle(command + " (baseline)")
+    log_trained(log, results)
+    return bundles
+
+
+def train_baseline(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
+    """The mask-only baseline (config ``informed_slice: false``) on GEM-3D's VAE, same steps."""
+    from gem3d.training import Run, init
+
+    bundles = {"baseline": work / "baseline" / "bundle"}
+    if (bundles["baseline"] / "bundle.json").exists():
+        return bundles
+    ctx = init("cpu")
+    gem = Run(make_config(b), data, work / "gem3d", ctx)
+    cfg = make_config(b, informed=False)
+    cfg.train.vae_steps = 0
+    cfg.vae.scale = float(gem.result("vae")["latent_scale"])
+    baseline = Run(cfg, data, work / "baseline", ctx, vae_weights=gem.output("vae"))
+    log_trained(log, {f"baseline_{name}": baseline.train(name) for name in ("vae", "stage1", "stage2")})
+    baseline.write_bundle(f"benchmarks/paper_tables.py --budget {b['name']} (baseline)")
+    return bundles
+
+
+def log_trained(log, results: Dict[str, dict]) -> None:
     log("trained: " + ", ".join(f"{k} {v.get('steps')} steps loss {v.get('final_loss')} ({v.get('wall_s')} s)"
                                  for k, v in results.items() if v))
-    return bundles
 
 
 def generate_set(engine, cases, out: Path, informed, sampler, seed: int, augment=None, **switches) -> List[float]:
@@ -518,7 +536,10 @@ def main(argv=None) -> dict:
     timed("data", data)
     if last < STAGES.index("train"):
         return {}
-    bundles = timed("train", lambda: train_models(b, train, work, log))
+    bundles = timed("train", lambda: train_gem3d(b, train, work, log))
+    if last < STAGES.index("baseline"):
+        return {}
+    bundles.update(timed("baseline", lambda: train_baseline(b, train, work, log)))
     if last < STAGES.index("generate"):
         return {}
 
