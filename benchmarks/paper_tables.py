@@ -30,7 +30,7 @@ Paired per-case differences: mean, 95 % bootstrap CI, exact two-sided sign test.
   python benchmarks/paper_tables.py               # default budget, ~25 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget quick --out-dir /tmp/pt   # seconds (CI smoke)
   python benchmarks/paper_tables.py --budget sites32 # multi-site testbed, ~75 min on 2 CPU cores
-  python benchmarks/paper_tables.py --budget paper64 --work DIR    # paper's windows, ~2.6 h; re-run after a stop
+  python benchmarks/paper_tables.py --budget paper64 --work DIR    # paper's windows, ~2.1 h; re-run after a stop
 
 Stages (``--stage``): data, train (GEM-3D), baseline, generate, report, or all. Every stage keeps
 its results in --work and skips what is there (training resumes from its last checkpoint,
@@ -76,11 +76,8 @@ BUDGETS = {
     "sites32": dict(train=24, test=12, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500,
                     slice=3000, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
                     seg_steps=400, resamples=3, planes=16, sites=4),
-    # Closer to the paper: 64x64 slices, windows of 16, 24 training / 12 held-out cases at 4 sites.
-    # CPU budget (2 cores, estimated from `default`'s measured 15 min for its training at 1/8 the
-    # voxels per step): training ~3-4 h in four stages (VAE, stage 1, stage 2 + slice model,
-    # baseline), generation ~1.5 h, report ~1 h; each stage under an hour except training, which
-    # resumes per model (`--stage train` again after a stop).
+    # The paper's window length: 64x64 slices, windows of 16, 24 training / 12 held-out cases at 4
+    # sites. Measured on 2 CPU cores: 2 h 8 min (train 51, baseline 15, generate 50, report 11 min).
     "paper64": dict(train=24, test=12, size=64, slices=48, window=16, vae=1000, stage1=3000, stage2=800,
                     slice=1500, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
                     seg_steps=400, resamples=3, planes=16, sites=4),
