@@ -4,7 +4,6 @@ install.py) and in the gem3d engine, run as its own process whose events a QTime
 import json
 import os
 import pathlib
-import shutil
 import sys
 import tempfile
 import time
@@ -326,7 +325,6 @@ class GEM3DEditorTest(ScriptedLoadableModuleTest):
         from gem3d.io import read_description, read_volume, write_volume
 
         folder = tempfile.mkdtemp(prefix="gem3d_test_")
-        self.addCleanup(shutil.rmtree, folder, True)
         for volume, name in zip(phantom.make_case("brain", seed=0, index=0, size=64, slices=32), ("image", "labels")):
             write_volume(volume, os.path.join(folder, name + ".nrrd"))
         logic = newEditorLogic()
