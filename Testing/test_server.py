@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gem3d.io import read_description, read_volume
+from gem3d.remote import TERMINAL_EVENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle"
@@ -199,19 +200,23 @@ def test_the_editors_remote_engine_runs_a_job_and_keeps_the_token_out_of_the_set
     assert local.engine_key != remote.engine_key and TOKEN not in repr(EngineSettings(server_url=server.url))
 
 
+def first_event(c, kinds, deadline: float):
+    """The first event of one of `kinds` that client `c` reports before `deadline` (monotonic), or None."""
+    while time.monotonic() < deadline:
+        event = next((e for e in c.poll(timeout=0.2) if e["event"] in kinds), None)
+        if event is not None:
+            return event
+    return None
+
+
 def test_cancel_mid_job(server, brain_phantom, tmp_path):
     c = client(server.url)
     out = tmp_path / "c.nii.gz"
     job = c.generate(tiny_request(brain_phantom, out, "c", sampler="ddim", steps=400))
     deadline = time.monotonic() + 60
-    seen = []
-    while "started" not in seen and time.monotonic() < deadline:
-        seen += [e["event"] for e in c.poll(timeout=0.2)]
-    assert "started" in seen
+    assert first_event(c, ("started",), deadline) is not None
     c.cancel(job)
-    end = None
-    while end is None and time.monotonic() < deadline:
-        end = next((e for e in c.poll(timeout=0.2) if e["event"] in ("cancelled", "finished", "error")), None)
+    end = first_event(c, TERMINAL_EVENTS, deadline)
     assert end is not None and end["event"] == "cancelled", end
     assert not out.exists() and c.active_jobs == []
 
@@ -222,13 +227,10 @@ def test_server_killed_mid_job_is_an_error_event(tiny_bundle, brain_phantom, tmp
         c = client(s.url, None)
         job = c.generate(tiny_request(brain_phantom, tmp_path / "k.nii.gz", "k", sampler="ddim", steps=400))
         deadline = time.monotonic() + 60
-        while not any(e["event"] == "started" for e in c.poll(timeout=0.2)) and time.monotonic() < deadline:
-            pass
+        first_event(c, ("started",), deadline)
         s.process.kill()
         s.process.wait()
-        end = None
-        while end is None and time.monotonic() < deadline:
-            end = next((e for e in c.poll(timeout=0.2) if e["event"] in ("cancelled", "finished", "error")), None)
+        end = first_event(c, TERMINAL_EVENTS, deadline)
     finally:
         s.stop()
     assert end is not None and end["event"] == "error" and end["job_id"] == job, end
@@ -243,13 +245,10 @@ def test_server_stopped_mid_job_cancels_it_and_removes_its_work_folder(tiny_bund
         c = client(s.url, None)
         c.generate(tiny_request(brain_phantom, tmp_path / "t.nii.gz", "t", sampler="ddim", steps=400))
         deadline = time.monotonic() + 60
-        while not any(e["event"] == "started" for e in c.poll(timeout=0.2)) and time.monotonic() < deadline:
-            pass
+        first_event(c, ("started",), deadline)
         assert [p.name[:12] for p in temp.iterdir()] == ["gem3d-serve-"]
         s.process.terminate()
-        end = None
-        while end is None and time.monotonic() < deadline:
-            end = next((e for e in c.poll(timeout=0.2) if e["event"] in ("cancelled", "finished", "error")), None)
+        end = first_event(c, TERMINAL_EVENTS, deadline)
         code = s.process.wait(timeout=30)
     finally:
         s.stop()

@@ -115,7 +115,7 @@ def train_gem3d(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
     bundles = {"gem3d": gem / "bundle", "gem3d_stage1": gem / "bundle_stage1"}
     if all((p / "bundle.json").exists() for p in bundles.values()):
         return bundles
-    command = f"benchmarks/paper_tables.py --budget {b['name']}"
+    command = recipe(b)
     ctx = init("cpu")
     run = Run(make_config(b), data, gem, ctx)
     results = {name: run.train(name) for name in ("vae", "stage1")}
@@ -142,8 +142,13 @@ def train_baseline(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
     cfg.vae.scale = float(gem.result("vae")["latent_scale"])
     baseline = Run(cfg, data, work / "baseline", ctx, vae_weights=gem.output("vae"))
     log_trained(log, {f"baseline_{name}": baseline.train(name) for name in ("vae", "stage1", "stage2")})
-    baseline.write_bundle(f"benchmarks/paper_tables.py --budget {b['name']} (baseline)")
+    baseline.write_bundle(recipe(b) + " (baseline)")
     return bundles
+
+
+def recipe(b: dict) -> str:
+    """The command a bundle's provenance names."""
+    return f"benchmarks/paper_tables.py --budget {b['name']}"
 
 
 def log_trained(log, results: Dict[str, dict]) -> None:
