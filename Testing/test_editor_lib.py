@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "GEM3DEditor"))
 
 from GEM3DEditorLib import (batch, dependencies, edits, export, geometry,  # noqa: E402
                             label_matching, mask_history, process, sink, thumbnail)
-from GEM3DEditorLib.worker_client import WorkerClient, environment_with_path, worker_command  # noqa: E402
+from gem3d.worker_client import WorkerClient, environment_with_path, worker_command  # noqa: E402
 
 from gem3d.request import GenerateRequest  # noqa: E402
 from gem3d.volume import Geometry, Volume  # noqa: E402
@@ -52,7 +52,7 @@ def test_the_client_refuses_a_request_the_contract_refuses(fake_worker, job_file
     """Refused before it reaches the worker, as an `error` event (never an exception in Slicer)."""
     client = fake_worker("normal")
     for job_id, change, expected in (("j1", {"seed": -1}, "seed"), ("j2", {"slice_count": 3}, "unknown request key")):
-        assert client.generate(dict(make_request(job_files, job_id=job_id), **change)) == job_id
+        assert client.submit(dict(make_request(job_files, job_id=job_id), **change)) == job_id
         events = [e for e in client.poll(timeout=5.0) if e["event"] != "heartbeat"]
         assert [(e["event"], e["job_id"]) for e in events] == [("error", job_id)] and expected in events[0]["message"]
     assert client.active_jobs == []
@@ -178,11 +178,7 @@ def test_sink_fills_the_output_along_any_axis(axis, tmp_path):
     for i, (start, stop) in enumerate(windows):
         assert array_sink.filled_fraction < 1.0 and not array_sink.complete
         slab = np.take(truth, range(start, stop), axis=axis)
-        path = tmp_path / f"w{i}.npy"
-        np.save(path, slab)
-        array_sink.apply_event({"event": "window", "axis": axis, "start": start, "stop": stop,
-                                "path": str(path)})
-        assert not path.exists()
+        array_sink.apply_event({"event": "window", "axis": axis, "start": start, "stop": stop, "slab": slab})
     assert array_sink.complete and array_sink.filled_fraction == 1.0 and len(calls) == 3
     np.testing.assert_array_equal(out, truth)
 
@@ -432,13 +428,16 @@ FAKE_WORKER = textwrap.dedent('''
     """Speaks docs/worker-protocol.md; behaviour chosen by argv[1]."""
     import json, os, subprocess, sys, time
     import numpy as np
+    from gem3d.events import encode_event
 
     mode = sys.argv[1]
     print("fake worker ready", file=sys.stderr, flush=True)
     print("a stray line that is not JSON", flush=True)
 
     def emit(**event):
-        print(json.dumps(event), flush=True)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(encode_event(event))
+        sys.stdout.buffer.flush()
 
     for line in sys.stdin:
         message = json.loads(line)
@@ -459,14 +458,11 @@ FAKE_WORKER = textwrap.dedent('''
             with open(sys.argv[2], "w") as f:
                 f.write(str(child.pid))
             time.sleep(120)  # busy: never reads the cancel request
-        folder = message["out"] + ".windows"
-        os.makedirs(folder, exist_ok=True)
         for i, window in enumerate(plan):
-            path = os.path.join(folder, f"{job}_{i}.npy")
             z = np.arange(window["start"], window["stop"], dtype=np.float32)
-            np.save(path, np.broadcast_to(z[:, None, None], (len(z), 3, 2)).copy())
             emit(event="window", job_id=job, axis=0, start=window["start"], stop=window["stop"],
-                 direction=window["direction"], path=path, progress=(i + 1) / 3)
+                 direction=window["direction"], slab=np.broadcast_to(z[:, None, None], (len(z), 3, 2)),
+                 progress=(i + 1) / 3)
         emit(event="finished", job_id=job, outputs={"image": message["out"]}, timings={"total": 0.1})
 ''')
 
@@ -503,7 +499,7 @@ def wait_for(client, kinds, timeout=30.0):
 def test_worker_events_arrive_in_order_and_fill_the_output(fake_worker, job_files):
     client = fake_worker("normal")
     assert worker_command("PythonSlicer")[1:] == ["-m", "gem3d", "worker"]
-    job = client.generate(make_request(job_files))
+    job = client.submit(make_request(job_files))
     assert client.active_jobs == [job]
     events = wait_for(client, ("finished", "error"))
     assert [e["event"] for e in events] == ["started", "window", "window", "window", "finished"]
@@ -517,7 +513,7 @@ def test_worker_events_arrive_in_order_and_fill_the_output(fake_worker, job_file
     assert array_sink.complete and not np.isnan(out).any()
     np.testing.assert_array_equal(out[:, 0, 0], np.arange(6))
     assert client.active_jobs == [] and client.running
-    log = client.drain_log()
+    log = client.log_lines()
     assert "a stray line that is not JSON" in log and "fake worker ready" in log
     client.close()
     assert client.returncode == 0 and client.poll() == []  # a normal exit is no error
@@ -525,7 +521,7 @@ def test_worker_events_arrive_in_order_and_fill_the_output(fake_worker, job_file
 
 def test_a_crashing_worker_yields_an_error_event_not_a_hang(fake_worker, job_files):
     client = fake_worker("crash")
-    job = client.generate(make_request(job_files))
+    job = client.submit(make_request(job_files))
     started = time.monotonic()
     events = wait_for(client, ("error",), timeout=20)
     assert time.monotonic() - started < 20
@@ -552,7 +548,7 @@ def test_cancel_is_passed_on_to_a_cooperative_worker(fake_worker, job_files):
 def test_cancel_kills_a_worker_that_ignores_it(fake_worker, job_files, tmp_path):
     pid_file = tmp_path / "child.pid"
     client = fake_worker("ignore-cancel", str(pid_file), cancel_timeout=1.0)
-    job = client.generate(make_request(job_files))
+    job = client.submit(make_request(job_files))
     wait_for(client, ("started",))
     deadline = time.monotonic() + 20
     while not pid_file.exists() or not pid_file.read_text():
@@ -629,7 +625,7 @@ def test_real_worker_streams_into_the_sink_and_cancels(tiny_bundle, brain_phanto
     try:
         req = GenerateRequest(str(reference), str(mask), str(tmp_path / "gen.nii.gz"), bundle=str(tiny_bundle),
                               job_id="gen", start=0.5, steps=2, device="cpu").to_message()
-        client.generate(req)
+        client.submit(req)
         events = [e for e in wait_for(client, ("finished", "error"), timeout=240) if e["event"] != "heartbeat"]
         kinds = [e["event"] for e in events]
         assert kinds[0] == "started" and kinds[-1] == "finished", events[-1]
@@ -643,7 +639,7 @@ def test_real_worker_streams_into_the_sink_and_cancels(tiny_bundle, brain_phanto
 
         req = GenerateRequest(str(reference), str(mask), str(tmp_path / "slow.nii.gz"), bundle=str(tiny_bundle),
                               job_id="slow", sampler="ddim", steps=400, device="cpu").to_message()
-        client.generate(req)
+        client.submit(req)
         wait_for(client, ("started",), timeout=120)
         client.cancel("slow")
         events = wait_for(client, ("cancelled", "finished", "error"), timeout=60)

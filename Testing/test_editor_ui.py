@@ -229,9 +229,9 @@ def test_apis_newer_than_slicer_58_are_guarded():
     assert 'hasattr(packaging, "pip_ensure")' in install and "slicer.util.pip_install(" in install
 
 
-PURE_MODULES = ("batch", "dependencies", "edits", "export", "geometry", "job", "mask_history", "process", "settings",
+PURE_MODULES = ("batch", "dependencies", "edits", "export", "geometry", "mask_history", "settings",
                 "sink", "thumbnail")
-CONTRACT_MODULES = ("label_matching", "worker_client", "engine")  # gem3d's torch-free contract, no Slicer
+CONTRACT_MODULES = ("job", "label_matching", "process")  # gem3d's torch-free contract, no Slicer
 MRML_MODULES = ("headless", "install", "logic", "nodes", "output", "slice_views")
 WIDGET_MODULES = ("panel", "parameters")  # Qt and parameterNodeWrapper: the Slicer application only
 

@@ -17,12 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gem3d.events import read_event
 from gem3d.protocol import JOB_ID, MAX_LINE, TYPES, check_job_id, parse_message
 from gem3d.request import GenerateRequest, RequestError
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "GEM3DEditor"))
-from GEM3DEditorLib.worker_client import WorkerClient  # noqa: E402
+from gem3d.worker_client import WorkerClient  # noqa: E402
 
 
 class Worker:
@@ -39,8 +40,8 @@ class Worker:
         threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
 
     def _read(self):
-        for line in self.proc.stdout:
-            self.events.put(json.loads(line))
+        for event in iter(lambda: read_event(self.proc.stdout), None):
+            self.events.put(event)
         self.events.put(None)
 
     def send(self, line):
@@ -132,7 +133,8 @@ def test_no_line_crashes_or_hangs_the_worker(worker, tiny_bundle, brain_phantom,
     assert events[-1]["event"] == "finished", events[-1]
     assert any(e["event"] == "heartbeat" and e["job_id"] == "ok" for e in events), "heartbeats while it runs"
     for e in (e for e in events if e["event"] == "window"):
-        assert Path(e["path"]).parent == tmp_path / "ok.nii.gz.windows" and Path(e["path"]).is_file()
+        assert e["slab"].shape[e["axis"]] == e["stop"] - e["start"], "the slab arrives in-band"
+    assert not (tmp_path / "ok.nii.gz.windows").exists(), "no side files"
     assert worker.proc.poll() is None
 
 
@@ -231,7 +233,7 @@ def wait_for(client, kinds, timeout):
 def test_client_reports_a_stalled_worker_as_an_error(tmp_path):
     client = WorkerClient([sys.executable, "-c", SILENT_WORKER], stall_timeout=1.0).start()
     try:
-        job = client.generate(client_request(tmp_path))
+        job = client.submit(client_request(tmp_path))
         started = time.monotonic()
         events = wait_for(client, ("error",), timeout=15)
         assert time.monotonic() - started < 10
@@ -251,9 +253,9 @@ def test_client_reports_a_stalled_worker_as_an_error(tmp_path):
 def test_client_side_problems_are_events_not_exceptions(tmp_path, job_id):
     client = WorkerClient([sys.executable, "-c", SILENT_WORKER])
     bad = dict(client_request(tmp_path), job_id=job_id)
-    assert client.generate(bad) is None  # not started, and an invalid request: events only
+    assert client.submit(bad) is None  # not started, and an invalid request: events only
     event = client.poll(timeout=1)[0]
     assert event["event"] == "error" and event["job_id"] is None and "job_id" in event["message"]
-    assert client.generate(client_request(tmp_path, "ok")) == "ok"  # the worker is not running
+    assert client.submit(client_request(tmp_path, "ok")) == "ok"  # the worker is not running
     event = client.poll(timeout=1)[0]
     assert event["event"] == "error" and event["job_id"] == "ok" and "not running" in event["message"]

@@ -20,9 +20,7 @@ from GEM3DEditorLib import nodes, output  # noqa: E402
 
 
 def window_event(tmp_path, slab, start, axis=0):
-    path = tmp_path / f"w{start}.npy"
-    np.save(path, slab)
-    return {"event": "window", "path": str(path), "axis": axis, "start": start, "stop": start + slab.shape[axis]}
+    return {"event": "window", "slab": slab, "axis": axis, "start": start, "stop": start + slab.shape[axis]}
 
 
 def test_streamed_output_gets_a_window_level_from_the_first_window(headless, phantom_reference, tmp_path):

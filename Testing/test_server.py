@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gem3d.io import read_description, read_volume
-from gem3d.remote import TERMINAL_EVENTS
+from gem3d.events import TERMINAL
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle"
@@ -165,20 +165,19 @@ def test_demo_job_equals_local_generation(server, tmp_path):
     for w in windows:
         index = [slice(None)] * 3
         index[w["axis"]] = slice(w["start"], w["stop"])
-        np.testing.assert_allclose(np.load(w["path"]), remote.array[tuple(index)], atol=1e-4)
+        np.testing.assert_allclose(w["slab"], remote.array[tuple(index)], atol=1e-4)
 
 
 def test_the_editors_remote_engine_runs_a_job_and_keeps_the_token_out_of_the_settings_key(
         server, brain_phantom, tmp_path):
-    """GEM3DEditorLib's RemoteEngine (what the module uses when an engine server is set) end to
-    end, its events read by the module's own job reducer; a wrong token ends the job with a sentence."""
+    """The RemoteClient the module uses when an engine server is set, end to end, its events read by
+    the module's own job reducer; a wrong token ends the job with a sentence."""
     sys.path.insert(0, str(ROOT / "GEM3DEditor"))
-    from GEM3DEditorLib.engine import RemoteEngine
     from GEM3DEditorLib.job import JobState, reduce
     from GEM3DEditorLib.settings import EngineSettings
 
     for token, out in ((TOKEN, tmp_path / "remote.nii.gz"), ("wrong-token-0123456789", tmp_path / "no.nii.gz")):
-        engine = RemoteEngine(server.url, token)
+        engine = client(server.url, token)
         try:
             job_id = engine.submit(tiny_request(brain_phantom, out, job_id="editor"))
             state, kinds, deadline = JobState(job_id), [], time.monotonic() + 120
@@ -212,11 +211,11 @@ def first_event(c, kinds, deadline: float):
 def test_cancel_mid_job(server, brain_phantom, tmp_path):
     c = client(server.url)
     out = tmp_path / "c.nii.gz"
-    job = c.generate(tiny_request(brain_phantom, out, "c", sampler="ddim", steps=400))
+    job = c.submit(tiny_request(brain_phantom, out, "c", sampler="ddim", steps=400))
     deadline = time.monotonic() + 60
     assert first_event(c, ("started",), deadline) is not None
     c.cancel(job)
-    end = first_event(c, TERMINAL_EVENTS, deadline)
+    end = first_event(c, TERMINAL, deadline)
     assert end is not None and end["event"] == "cancelled", end
     assert not out.exists() and c.active_jobs == []
 
@@ -225,12 +224,12 @@ def test_server_killed_mid_job_is_an_error_event(tiny_bundle, brain_phantom, tmp
     s = bench.ServerProcess([tiny_bundle], env=dict(ONE_THREAD, TMPDIR=str(tmp_path)))  # SIGKILL: no clean-up
     try:
         c = client(s.url, None)
-        job = c.generate(tiny_request(brain_phantom, tmp_path / "k.nii.gz", "k", sampler="ddim", steps=400))
+        job = c.submit(tiny_request(brain_phantom, tmp_path / "k.nii.gz", "k", sampler="ddim", steps=400))
         deadline = time.monotonic() + 60
         first_event(c, ("started",), deadline)
         s.process.kill()
         s.process.wait()
-        end = first_event(c, TERMINAL_EVENTS, deadline)
+        end = first_event(c, TERMINAL, deadline)
     finally:
         s.stop()
     assert end is not None and end["event"] == "error" and end["job_id"] == job, end
@@ -243,12 +242,12 @@ def test_server_stopped_mid_job_cancels_it_and_removes_its_work_folder(tiny_bund
     s = bench.ServerProcess([tiny_bundle], env=dict(ONE_THREAD, TMPDIR=str(temp)))
     try:
         c = client(s.url, None)
-        c.generate(tiny_request(brain_phantom, tmp_path / "t.nii.gz", "t", sampler="ddim", steps=400))
+        c.submit(tiny_request(brain_phantom, tmp_path / "t.nii.gz", "t", sampler="ddim", steps=400))
         deadline = time.monotonic() + 60
         first_event(c, ("started",), deadline)
         assert [p.name[:12] for p in temp.iterdir()] == ["gem3d-serve-"]
         s.process.terminate()
-        end = first_event(c, TERMINAL_EVENTS, deadline)
+        end = first_event(c, TERMINAL, deadline)
         code = s.process.wait(timeout=30)
     finally:
         s.stop()

@@ -1,4 +1,4 @@
-"""`gem3d worker` as a real subprocess speaking the JSON-lines protocol."""
+"""`gem3d worker` as a real subprocess speaking its protocol (JSON lines in, `gem3d.events` frames out)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from gem3d.events import read_event
 from gem3d.io import read_volume
 
 
@@ -20,17 +21,17 @@ class WorkerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
         self.proc = subprocess.Popen([sys.executable, "-m", "gem3d", "worker", "--bundle", str(bundle),
                                       "--device", "cpu"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, text=True, env=env)
+                                     stderr=subprocess.DEVNULL, env=env)
         self.events: "queue.Queue" = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
-        for line in self.proc.stdout:
-            self.events.put(json.loads(line))
+        for event in iter(lambda: read_event(self.proc.stdout), None):
+            self.events.put(event)
         self.events.put(None)
 
     def send(self, line: str):
-        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
 
     def next(self, timeout=120):
@@ -75,7 +76,7 @@ def test_streams_windows_then_finishes_and_eof_exits_cleanly(worker, brain_phant
     assert len(windows) >= 2
     output = read_volume(out).array
     for w in windows:
-        slab = np.load(w["path"])
+        slab = w["slab"]
         index = [slice(None)] * 3
         index[w["axis"]] = slice(w["start"], w["stop"])
         np.testing.assert_allclose(slab, output[tuple(index)], atol=1e-4)

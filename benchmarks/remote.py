@@ -98,7 +98,8 @@ def load_test(url: str, token: Optional[str], request_for: Callable[[int, int], 
     """`clients` threads, one RemoteClient each, submit `jobs` requests at once and follow them to
     their ends. Per job: terminal event, time to first window, wall time, and whether its window
     events were exactly its plan (none lost, none duplicated, seq numbers increasing)."""
-    from gem3d.remote import RemoteClient, TERMINAL_EVENTS
+    from gem3d.events import TERMINAL
+    from gem3d.remote import RemoteClient
 
     records: List[dict] = []
     lock = threading.Lock()
@@ -107,7 +108,7 @@ def load_test(url: str, token: Optional[str], request_for: Callable[[int, int], 
         client = RemoteClient(url, token, client_id=f"load-{c}")
         submitted: Dict[str, dict] = {}
         for j in range(jobs):
-            job_id = client.generate(request_for(c, j))
+            job_id = client.submit(request_for(c, j))
             submitted[job_id] = {"client": c, "job": j, "t0": time.perf_counter(), "windows": [], "seqs": [],
                                  "plan": None, "terminal": None, "first_window_s": None}
         deadline = time.monotonic() + timeout_s
@@ -124,8 +125,7 @@ def load_test(url: str, token: Optional[str], request_for: Callable[[int, int], 
                     record["seqs"].append(event["seq"])
                     if record["first_window_s"] is None:
                         record["first_window_s"] = now
-                    os.remove(event["path"])
-                elif event["event"] in TERMINAL_EVENTS:
+                elif event["event"] in TERMINAL:
                     record["terminal"] = event["event"]
                     record["message"] = event.get("message")
                     record["total_s"] = now

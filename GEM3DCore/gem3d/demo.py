@@ -54,10 +54,11 @@ def run_demo(out: Path, bundle: Optional[str] = None, device: str = "auto", seed
          f"on {engine.device}")
     t0 = time.perf_counter()
     ref = read_volume(reference)
-    for event in engine.pipeline.run(ref, read_volume(mask), request):
+    run = engine.pipeline.run(ref, read_volume(mask), request)
+    for event in run:
         if event["event"] == "window":
             echo(f"  window {event['start']}:{event['stop']} ({event['direction']}), {event['progress']:.0%}")
-    generated, timings = event["result"], event["timings"]
+    generated, timings = run.result, run.result.timings
     outputs = write_outputs(generated, request, timings, t0)
     edited, out_volume = generated.mask, generated.image
     truth = json.loads((data / "groundtruth" / "brain_000.json").read_text())

@@ -3,20 +3,22 @@
 read -> pipeline -> write: the reference, the mask and the informed scan are read from the
 request's files, `gem3d.pipeline` generates in memory and yields the `started` and `window`
 events, and the engine writes the synthetic volume in the reference's geometry, marked
-synthetic, with a provenance JSON, then yields `finished`.
+synthetic, with a provenance JSON, then yields `finished` with that volume.
 
-Events are plain dicts; `window` carries its slab as a numpy array (the stdio worker turns it
-into a file). Every failure becomes an `error` event with a sentence a user can act on; the
+Events are plain dicts (`gem3d.events`); `window` carries its slab and `finished` the whole
+synthetic image as numpy arrays under "slab" (the transports frame them in-band). Every failure becomes an `error` event with a sentence a user can act on; the
 traceback goes to the log.
 """
 from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Set, Union
 
 import torch
 
@@ -26,6 +28,7 @@ from gem3d.io import provenance_path, write_volume
 from gem3d.outputs import write_text_atomically
 from gem3d.pipeline import SYNTHETIC_DESCRIPTION, SYNTHETIC_MASK, Generated, Pipeline, Switches
 from gem3d.preflight import output_limits, read_input
+from gem3d.queues import take
 from gem3d.request import GenerateRequest, RequestError
 from gem3d.sampling import Cancelled
 
@@ -76,15 +79,61 @@ class Engine:
         scan = (read_input(request.informed.scan, "informed scan")
                 if request.informed.source in ("other", "fixed") else None)
         timings = {"read": time.perf_counter() - t0}
-        for event in self.pipeline.run(reference, mask, request, scan, cancel, switches=switches):
+        run = self.pipeline.run(reference, mask, request, scan, cancel, switches=switches)
+        for event in run:
             if event["event"] == "window" and "first_window" not in timings:
                 timings["first_window"] = time.perf_counter() - t0
-            if event["event"] != "generated":
-                yield event
-                continue
-            timings.update(event["timings"])
-            outputs = write_outputs(event["result"], request, timings, t0)
-            yield {"event": "finished", "job_id": request.job_id, "outputs": outputs, "timings": timings}
+            yield event
+        timings.update(run.result.timings)
+        outputs = write_outputs(run.result, request, timings, t0)
+        yield {"event": "finished", "job_id": request.job_id, "outputs": outputs, "timings": timings,
+               "slab": run.result.image.array}
+
+
+class InProcessClient:
+    """An `Engine` in this process as an engine client (`gem3d.events.EngineClient`): jobs run one
+    at a time on a thread of their own, their events are queued for `poll`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._events: "queue.Queue[dict]" = queue.Queue()
+        self._cancelled: Set[str] = set()
+        self._one_at_a_time = threading.Lock()
+        self._jobs: Dict[str, threading.Thread] = {}
+
+    def submit(self, request: dict) -> str:
+        """Returns the job id; an invalid request ends at once with an `error` event."""
+        try:
+            parsed = GenerateRequest.from_dict(request)
+        except (RequestError, TypeError) as err:
+            job_id = request.get("job_id") if isinstance(request, dict) else None
+            self._events.put({"event": "error", "job_id": job_id, "message": _sentence(err)})
+            return job_id
+        thread = threading.Thread(target=self._run, args=(parsed,), name=f"gem3d-{parsed.job_id}", daemon=True)
+        self._jobs[parsed.job_id] = thread
+        thread.start()
+        return parsed.job_id
+
+    def _run(self, request: GenerateRequest) -> None:
+        with self._one_at_a_time:
+            for event in self.engine.generate(request, cancel=lambda: request.job_id in self._cancelled):
+                self._events.put(event)
+        self._cancelled.discard(request.job_id)
+
+    def poll(self, timeout: float = 0.0, max_events: Optional[int] = None) -> List[dict]:
+        return take(self._events, timeout, max_events)
+
+    def cancel(self, job_id: str) -> None:
+        self._cancelled.add(job_id)
+
+    def log_lines(self) -> List[str]:
+        return []  # the engine logs through `logging` itself
+
+    def close(self) -> None:
+        for job_id in list(self._jobs):
+            self.cancel(job_id)
+        for thread in list(self._jobs.values()):
+            thread.join()
 
 
 def write_outputs(generated: Generated, request: GenerateRequest, timings: dict, t0: float) -> dict:

@@ -1,8 +1,8 @@
 """The jobs of `gem3d serve`: one queue and one thread per device, events kept for replay.
 
 Each device's thread owns that device's engines (one per bundle, loaded once at start) and
-runs its queue's jobs one at a time. A job keeps every event it produced (window slabs as
-`.npy` files in its folder), so a client can read the stream from any point and several
+runs its queue's jobs one at a time. A job keeps every event it produced (with its slab in
+memory, as the engine made it), so a client can read the stream from any point and several
 clients can watch one job. Finished jobs, and uploads, are deleted `keep_s` seconds after
 they end; until then their results can be downloaded.
 """
@@ -21,10 +21,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from gem3d.events import TERMINAL
 from gem3d.request import GenerateRequest
 
 log = logging.getLogger("gem3d.serve")
-TERMINAL = ("finished", "cancelled", "error")
 
 
 class LimitError(RuntimeError):
@@ -45,7 +45,7 @@ class Job:
     cancel_requested: bool = False
     outputs: Dict[str, Path] = field(default_factory=dict)
     events: List[dict] = field(default_factory=list)
-    slabs: Dict[int, Path] = field(default_factory=dict)
+    slabs: Dict[int, np.ndarray] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -53,7 +53,7 @@ class Job:
         return self.state in TERMINAL
 
     def add(self, event: dict, keep_s: float) -> None:
-        """Record an event: its slab to a file, its outputs kept for download, its seq number set."""
+        """Record an event: its slab kept aside, its outputs kept for download, its seq number set."""
         event = dict(event, job_id=self.id)
         slab = event.pop("slab", None)
         kind = event["event"]
@@ -67,10 +67,7 @@ class Job:
         with self.lock:
             seq = len(self.events)
             if slab is not None:
-                path = self.folder / "windows" / f"{seq:05d}.npy"
-                path.parent.mkdir(exist_ok=True)
-                np.save(path, slab)
-                self.slabs[seq] = path
+                self.slabs[seq] = slab
             event["seq"] = seq
             self.events.append(event)
             if kind in TERMINAL:
@@ -78,7 +75,7 @@ class Job:
             elif kind == "started":
                 self.state = "running"
 
-    def events_from(self, seq: int) -> List[Tuple[dict, Optional[Path]]]:
+    def events_from(self, seq: int) -> List[Tuple[dict, Optional[np.ndarray]]]:
         with self.lock:
             return [(e, self.slabs.get(e["seq"])) for e in self.events[seq:]]
 

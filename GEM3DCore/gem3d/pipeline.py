@@ -14,7 +14,7 @@ import contextlib
 import datetime
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -58,6 +58,21 @@ class Generated:
     image: Volume
     mask: Volume
     record: dict
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+class Generation:
+    """One run's events (iterate over it); once they are exhausted, `result` holds the `Generated`."""
+
+    def __init__(self, events: Iterator[dict]):
+        self._events = events
+        self.result: Optional[Generated] = None
+
+    def __iter__(self) -> Iterator[dict]:
+        self.result = yield from self._events
+
+    def close(self) -> None:
+        self._events.close()
 
 
 @dataclass
@@ -90,15 +105,20 @@ class Pipeline:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
     def run(self, reference: Volume, mask: Volume, request: GenerateRequest,
             informed_scan: Optional[Volume] = None, cancel: Optional[Callable[[], bool]] = None, *,
-            switches: Switches = Switches()) -> Iterator[dict]:
-        """Yield `started`, then a `window` event per window (its slab as an array, in the
-        reference's layout and units), then `generated` with the `Generated` result and the
-        timings. ``informed_scan``: the scan of informed sources 'other' and 'fixed'.
+            switches: Switches = Switches()) -> Generation:
+        """The events `started`, then `window` per window (its slab as an array, in the
+        reference's layout and units); the `Generated` volume is the run's `result` once they
+        are read. ``informed_scan``: the scan of informed sources 'other' and 'fixed'.
         ``switches``: benchmark and ablation switches (`Switches`).
-        Raises `RequestError` (bad input) and `gem3d.sampling.Cancelled`."""
+        Iterating raises `RequestError` (bad input) and `gem3d.sampling.Cancelled`."""
+        return Generation(self._run(reference, mask, request, informed_scan, cancel, switches))
+
+    @torch.inference_mode()
+    def _run(self, reference: Volume, mask: Volume, request: GenerateRequest,
+             informed_scan: Optional[Volume], cancel: Optional[Callable[[], bool]],
+             switches: Switches) -> Iterator[dict]:
         t0 = time.perf_counter()
         timings: Dict[str, float] = {}
         rng = np.random.default_rng(request.seed)
@@ -168,8 +188,7 @@ class Pipeline:
             "mask_edits": prepared.edits,
             "intensity": {"normalisation": self.bundle.info["intensity"], "params": prepared.params},
         }
-        yield {"event": "generated", "job_id": request.job_id, "timings": timings,
-               "result": Generated(Volume(output, prepared.reference.geometry), prepared.mask, record)}
+        return Generated(Volume(output, prepared.reference.geometry), prepared.mask, record, timings)
 
     def _prepare(self, reference: Volume, mask: Volume, request: GenerateRequest,
                  rng: np.random.Generator) -> _Prepared:

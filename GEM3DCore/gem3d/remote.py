@@ -1,12 +1,12 @@
 """Client of `gem3d serve` for scripts, notebooks and the Slicer module.
 
-`RemoteClient` has the event interface of the local worker client
-(GEM3DEditorLib.worker_client.WorkerClient): `generate(request)` takes the same request
-dict with local paths and returns its job id, `poll()` hands over the same events
-(`started`, `window` with a local `.npy` path, `finished` with local output paths,
-`cancelled`, `error`), `cancel(job_id)` stops a job. Each job runs in a thread that
-uploads the inputs (`upload` progress events), submits the job, follows its event stream
-(`queued`, `heartbeat` events too) and downloads the outputs to the request's `out`.
+`RemoteClient` is an engine client (`gem3d.events.EngineClient`, like the in-process and the
+stdio worker's): `submit(request)` takes the same request dict with local paths and returns
+its job id, `poll()` hands over the same events (`started`, `window` with its slab,
+`finished` with local output paths and the volume, `cancelled`, `error`), `cancel(job_id)`
+stops a job. Each job runs in a thread that uploads the inputs (`upload` progress events),
+submits the job, follows its event stream (`queued`, `heartbeat` events too) and downloads
+the outputs to the request's `out` (atomically, `gem3d.outputs.write_atomically`).
 
 Whatever happens to the network or the server, a job ends with exactly one terminal
 event whose message is a sentence; nothing raises out of the job thread and nothing
@@ -15,6 +15,7 @@ without torch.
 """
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import os
@@ -27,13 +28,12 @@ import uuid
 from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
-import numpy as np
-
-from gem3d.event_frames import StreamError, read_event
+from gem3d.events import TERMINAL, StreamError, read_event
 from gem3d.io import extension, provenance_path
+from gem3d.outputs import write_atomically
 from gem3d.queues import take
+from gem3d.request import GenerateRequest, RequestError
 
-TERMINAL_EVENTS = ("finished", "cancelled", "error")
 SERVER_PREFIX = "server:"  # an input already on the server, under its --data-root
 WHAT = "The GEM-3D server"
 
@@ -74,27 +74,12 @@ class RemoteClient:
         self._lock = threading.Lock()
         self._jobs: Dict[str, _Job] = {}
         self._info: Optional[dict] = None
-        self._closed = False
 
-    # ---------------------------------------------------------------- WorkerClient's interface
-    def start(self) -> "RemoteClient":
-        self._closed = False
-        return self
-
-    @property
-    def running(self) -> bool:
-        return not self._closed
-
-    returncode = None
-    pid = None
-
+    # ---------------------------------------------------------------- the engine client
     @property
     def active_jobs(self) -> List[str]:
         with self._lock:
             return list(self._jobs)
-
-    def stderr_tail(self) -> List[str]:
-        return []
 
     def close(self, timeout: float = 5.0) -> None:
         """Cancel this client's unfinished jobs on the server and stop following them."""
@@ -111,25 +96,20 @@ class RemoteClient:
             jobs = list(self._jobs.values())
         for job in jobs:
             self._end(job, {"event": "cancelled", "message": "The connection to the GEM-3D server was closed."})
-        self._closed = True
 
-    def send(self, message: dict) -> None:
-        if message.get("type") == "cancel":
-            self.cancel(message.get("job_id"))
-        else:
-            self.generate(message)
-
-    def generate(self, request: dict) -> str:
-        """Check the request's local side, then run it on the server in a thread; returns its job id."""
-        problems = request_problems(request)
-        if problems:
-            raise ValueError("Invalid generate request: " + "; ".join(problems) + ".")
+    def submit(self, request: dict) -> str:
+        """Check the request's local side, then run it on the server in a thread; returns its job id.
+        An invalid request, or a job id already running here, ends at once with an `error` event."""
         job = _Job(str(request.get("job_id") or "j" + uuid.uuid4().hex[:12]), dict(request))
+        problems = request_problems(request)
         with self._lock:
             if job.id in self._jobs:
-                raise ValueError(f"job {job.id!r} is already running")
-            self._jobs[job.id] = job
-        self._closed = False
+                problems.append(f"job {job.id!r} is already running")
+            if not problems:
+                self._jobs[job.id] = job
+        if problems:
+            self._put(job, {"event": "error", "message": "Invalid generate request: " + "; ".join(problems) + "."})
+            return job.id
         threading.Thread(target=self._run, args=(job,), name=f"gem3d-remote-{job.id}", daemon=True).start()
         return job.id
 
@@ -146,7 +126,8 @@ class RemoteClient:
         """Events received so far, in order; waits up to `timeout` seconds for the first one."""
         return take(self._events, timeout, max_events)
 
-    def drain_log(self) -> List[str]:
+    def log_lines(self) -> List[str]:
+        """Notes of this client (reconnections, failed cancels), for the caller's thread to log."""
         return take(self._log)
 
     # ---------------------------------------------------------------- server information
@@ -354,7 +335,7 @@ class RemoteClient:
                         continue
                     job.last_seq = event["seq"]
                 self._handle(job, event)
-                if event["event"] in TERMINAL_EVENTS:
+                if event["event"] in TERMINAL:
                     return True
             return True
         finally:
@@ -362,17 +343,9 @@ class RemoteClient:
 
     def _handle(self, job: _Job, event: dict) -> None:
         kind = event["event"]
-        slab = event.pop("slab", None)
-        if kind == "window" and slab is not None:
-            out = job.request["out"]
-            folder = out + ".windows"
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"{job.id}_{event['seq']:04d}.npy")
-            np.save(path, slab)
-            event["path"] = path
         if kind == "finished":
             event["outputs"] = self._download_outputs(job, event.get("outputs") or {})
-        if kind in TERMINAL_EVENTS:
+        if kind in TERMINAL:
             self._end(job, event)
         else:
             self._emit(job, event)
@@ -390,28 +363,26 @@ class RemoteClient:
         return local
 
     def _download(self, url: str, target: str, overwrite: bool) -> None:
-        """Atomically: a temporary file in the target's folder, fsync, rename; never over a file unless asked."""
+        """Atomically (`write_atomically`); never over a file unless asked."""
         if os.path.exists(target) and not overwrite:
             raise RemoteError(f"{target} exists; the result was left on the server")
-        tmp = os.path.join(os.path.dirname(os.path.abspath(target)), f".{uuid.uuid4().hex[:12]}.part")
         conn, response = self._open("GET", url[len(self._parts.path):] if url.startswith(self._parts.path)
                                     else url)
-        try:
+
+        def copy(tmp) -> None:
             with open(tmp, "wb") as f:
                 while True:
                     chunk = response.read(self.chunk_bytes)
                     if not chunk:
                         break
                     f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+
+        try:
+            write_atomically(target, copy)
         except (OSError, http.client.HTTPException) as err:
             raise RemoteError("Downloading the result failed: " + self._network_message(err)) from None
         finally:
             conn.close()
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
     def _cancel_remote(self, job: _Job) -> None:
         if job.remote_id is not None:
@@ -458,36 +429,24 @@ class RemoteClient:
 
 
 def request_problems(request: dict) -> List[str]:
-    """What makes a request unusable on this side (the server checks the rest)."""
-    if not isinstance(request, dict):
-        return ["a request is a dict"]
-    problems = []
-    if request.get("type", "generate") != "generate":
-        problems.append(f"type must be 'generate', got {request.get('type')!r}")
-    scan = (request.get("informed") or {}).get("scan")
-    for key, path in (("reference", request.get("reference")), ("mask", request.get("mask")),
-                      ("informed scan", scan)):
-        if key == "informed scan" and not path:
-            continue
-        if not isinstance(path, str) or not path:
-            problems.append(f"{key} is missing")
-        elif not path.startswith(SERVER_PREFIX) and not os.path.isfile(path):
-            problems.append(f"{key} file {path!r} does not exist")
-    out = request.get("out")
-    if not isinstance(out, str) or not out:
-        problems.append("out (the output path) is empty")
-    else:
-        if os.path.exists(out) and not request.get("overwrite"):
-            problems.append(f"output {out!r} exists already; it is never overwritten")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            problems.append(f"the output folder of {out!r} does not exist")
-    return problems
+    """What makes a request unusable on this side: the contract's checks (`GenerateRequest`) with
+    inputs already on the server (``server:...``) and the bundle (a server's name) left to the server."""
+    try:
+        parsed = GenerateRequest.from_dict(request)
+    except (RequestError, TypeError) as err:
+        return [str(err)]
+    local, local.informed = copy.copy(parsed), copy.copy(parsed.informed)
+    local.bundle = None
+    for owner, key in ((local, "reference"), (local, "mask"), (local.informed, "scan")):
+        if (getattr(owner, key) or "").startswith(SERVER_PREFIX):
+            setattr(owner, key, None)
+    return local.path_problems()
 
 
 def run_job(client: RemoteClient, request: dict, on_event: Optional[Callable[[dict], None]] = None,
             timeout: Optional[float] = None) -> Tuple[dict, List[dict]]:
     """Run one request to its end (for scripts): (terminal event, all events)."""
-    job_id = client.generate(request)
+    job_id = client.submit(request)
     events: List[dict] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
@@ -500,5 +459,5 @@ def run_job(client: RemoteClient, request: dict, on_event: Optional[Callable[[di
             events.append(event)
             if on_event is not None:
                 on_event(event)
-            if event["event"] in TERMINAL_EVENTS:
+            if event["event"] in TERMINAL:
                 return event, events

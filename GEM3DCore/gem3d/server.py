@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import anyio
-import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 import gem3d
-from gem3d.event_frames import MEDIA_TYPE, encode_event
+from gem3d.events import MEDIA_TYPE, encode_event
 from gem3d.io import WRITE_EXTENSIONS, extension, read_volume
 from gem3d.jobs import Job, JobStore, LimitError, Upload
 from gem3d.protocol import request_from_dict
@@ -278,9 +277,8 @@ async def stream(job: Job, seq: int, slabs: bool):
     while nothing happens (a client tells a busy server from a stuck one)."""
     quiet_since = time.monotonic()
     while True:
-        for event, slab_path in job.events_from(seq):
-            slab = await anyio.to_thread.run_sync(np.load, slab_path) if slabs and slab_path else None
-            yield encode_event(event, slab)
+        for event, slab in job.events_from(seq):
+            yield encode_event(dict(event, slab=slab) if slabs and slab is not None else event)
             seq = event["seq"] + 1
             quiet_since = time.monotonic()
         if job.done and not job.events_from(seq):

@@ -3,8 +3,8 @@
 A reader thread parses stdin (`gem3d.protocol.parse_message`: any line gives a request or an
 `error` event, never an exception), so that a `cancel` reaches a running job between two
 sampler steps; jobs run one at a time on the main thread, with `heartbeat` events while they
-run. stdout carries only protocol lines (everything else that prints is sent to stderr),
-window slabs travel as `.npy` files next to the output.
+run. stdout carries only event frames (`gem3d.events`: window slabs and the final volume
+in-band; everything else that prints is sent to stderr).
 
 EOF on stdin: the running job finishes, every job still queued is answered with an `error`
 event, and the worker exits 0.
@@ -12,7 +12,6 @@ event, and the worker exits 0.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import queue
@@ -20,11 +19,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, IO, Optional
+from typing import BinaryIO, Dict, IO, Optional
 
-import numpy as np
-
-from gem3d.outputs import write_atomically
+from gem3d.events import encode_event
 from gem3d.protocol import error_event, parse_message, read_lines
 from gem3d.request import RequestError
 
@@ -34,7 +31,7 @@ HEARTBEAT_S = 5.0
 
 
 class Worker:
-    def __init__(self, events: IO[str], bundle: Optional[str] = None, device: str = "auto",
+    def __init__(self, events: BinaryIO, bundle: Optional[str] = None, device: str = "auto",
                  heartbeat: float = HEARTBEAT_S):
         self.events = events
         self.default_bundle = bundle
@@ -47,9 +44,9 @@ class Worker:
         self._emit_lock = threading.Lock()
 
     def emit(self, event: dict) -> None:
-        line = json.dumps(event, default=str) + "\n"
+        frame = encode_event(event)
         with self._emit_lock:
-            self.events.write(line)
+            self.events.write(frame)
             self.events.flush()
 
     def read(self, stdin: IO[str]) -> None:
@@ -116,20 +113,7 @@ class Worker:
             log.debug("job %s: no engine", job_id, exc_info=True)
             self.emit(error_event(str(err) or type(err).__name__, job_id))
             return
-        folder = Path(request.out).with_name(Path(request.out).name + ".windows")
-        events = engine.generate(request, cancel=lambda: job_id in self.cancelled)
-        for index, event in enumerate(events):
-            if "slab" in event:
-                slab = event.pop("slab")
-                path = folder / f"{job_id}_{index:04d}.npy"
-                try:
-                    folder.mkdir(exist_ok=True)
-                    write_atomically(path, lambda tmp: np.save(tmp, slab), expected_bytes=slab.nbytes)
-                except OSError as err:
-                    events.close()
-                    self.emit(error_event(f"cannot write the window slab {path}: {err}", job_id))
-                    return
-                event["path"] = str(path)
+        for event in engine.generate(request, cancel=lambda: job_id in self.cancelled):
             self.emit(event)
 
     def _heartbeats(self, job_id: str, stop: threading.Event) -> None:
@@ -148,7 +132,7 @@ class Worker:
 
 def main(bundle: Optional[str] = None, device: str = "auto", heartbeat: float = HEARTBEAT_S) -> int:
     """Serve until EOF on stdin. stdout is reserved for events."""
-    events = sys.stdout
+    events = sys.stdout.buffer
     sys.stdout = sys.stderr
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="gem3d-worker %(levelname)s %(message)s")
     stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")  # bad bytes: a bad line

@@ -77,7 +77,7 @@ def install_torch(requirement: str) -> None:
     """torch through light-the-torch (what the PyTorch extension uses: it picks the CUDA build for
     the driver), run as `PythonSlicer -m light_the_torch install ...` in a child process, so torch
     is never imported into Slicer's GUI process (PyTorchUtilsLogic.installTorch imports it)."""
-    from .worker_client import python_executable_default
+    from gem3d.worker_client import python_executable_default
 
     slicer.util.pip_install("light-the-torch>=0.5")
     process = slicer.util.launchConsoleProcess([python_executable_default(), "-m", "light_the_torch", "install",

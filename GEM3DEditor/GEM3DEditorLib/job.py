@@ -10,6 +10,8 @@ import dataclasses
 import enum
 from typing import Optional
 
+from gem3d.events import TERMINAL
+
 
 class EventKind(enum.Enum):
     STARTED = "started"
@@ -25,7 +27,7 @@ class EventKind(enum.Enum):
 
     @property
     def terminal(self) -> bool:
-        return self in (EventKind.FINISHED, EventKind.CANCELLED, EventKind.ERROR)
+        return self.value in TERMINAL
 
 
 class JobKind(enum.Enum):

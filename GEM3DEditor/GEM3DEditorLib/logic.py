@@ -3,7 +3,7 @@ output node, a batch run, export. Imports only slicer (MRML + util), vtk and thi
 runs under the slicer-core wheel; the Widget wires the panel to it.
 
 The scene and the volumes logic are given (slicer.mrmlScene and slicer.modules.volumes.logic() in
-Slicer); the engine sits behind engine.LocalEngine's interface (submit, poll, log_lines, cancel, close).
+Slicer); the engine is any `gem3d.events.EngineClient` (the stdio worker's, or a `gem3d serve` server's).
 """
 import json
 import logging
@@ -15,14 +15,14 @@ import slicer
 import vtk  # noqa: F401  (the MRML nodes' vtk types)
 
 from gem3d.bundle_format import read_bundle_info
+from gem3d.events import EngineClient
 from gem3d.request import GenerateRequest, InformedSpec, RequestError, new_job_id
+from gem3d.worker_client import WorkerClient, environment_with_path, python_executable_default, worker_command
 
 from . import batch, edits, export, geometry, label_matching, nodes, output, process
-from .engine import LocalEngine, RemoteEngine
 from .job import JobKind, JobState, reduce
 from .mask_history import MaskHistory
 from .settings import BatchSettings, EngineSettings, GenerateSettings
-from .worker_client import environment_with_path, python_executable_default
 
 
 def is_scalar_volume(node) -> bool:
@@ -42,13 +42,13 @@ class EditorLogic:
     """Owns the one generation and the one batch run that may be going on, and the mask history."""
 
     def __init__(self, scene, volumes_logic, work_folder: str, gem3d_root: Optional[str] = None,
-                 engine_factory: Optional[Callable[[EngineSettings], object]] = None):
+                 engine_factory: Optional[Callable[[EngineSettings], EngineClient]] = None):
         self.scene = scene
         self.volumes_logic = volumes_logic
         self.work_folder = work_folder
         self.gem3d_root = gem3d_root
         self.engine_factory = engine_factory or self._new_engine
-        self.engine = None
+        self.engine: Optional[EngineClient] = None
         self._engine_key = None
         self.history = MaskHistory()
         self.job: Optional[JobState] = None
@@ -79,15 +79,20 @@ class EditorLogic:
         base = slicer.util.startupEnvironment() if engine_python.strip() else None
         return environment_with_path(base, [self.gem3d_root] if self.gem3d_root else [])
 
-    def _new_engine(self, settings: EngineSettings):
+    def _new_engine(self, settings: EngineSettings) -> EngineClient:
+        """`gem3d serve` at the settings' URL, else `<python> -m gem3d worker` (started here)."""
         if settings.server_url:
-            return RemoteEngine(settings.server_url, settings.server_token)
-        return LocalEngine(self.engine_python(settings.engine_python),
-                           self.engine_environment(settings.engine_python), cwd=self.work_folder)
+            from gem3d.remote import RemoteClient
 
-    def _engine_for(self, settings: EngineSettings):
-        """The engine these settings ask for, kept between jobs (its models stay loaded)."""
-        if self.engine is None or self._engine_key != settings.engine_key:
+            return RemoteClient(settings.server_url, settings.server_token or None)
+        return WorkerClient(worker_command(self.engine_python(settings.engine_python)),
+                            env=self.engine_environment(settings.engine_python), cwd=self.work_folder).start()
+
+    def _engine_for(self, settings: EngineSettings) -> EngineClient:
+        """The engine these settings ask for, kept between jobs (its models stay loaded); a worker
+        that has exited is started again."""
+        if (self.engine is None or self._engine_key != settings.engine_key
+                or getattr(self.engine, "running", True) is False):
             if self.engine is not None:
                 self.engine.close()
             self.engine = self.engine_factory(settings)
@@ -235,16 +240,14 @@ class EditorLogic:
         return events
 
     def _finish(self, event: dict) -> None:
-        """The output file is the result: the node gets its voxels (the streamed windows were a preview)
-        and the attributes that Export and the provenance need."""
+        """The stream's result (the volume `finished` carries, as written to the output file) replaces
+        the streamed windows; the node gets the attributes that Export and the provenance need."""
         node, outputs, record = self._stream.node, event.get("outputs") or {}, self._job_record
         if not self._stream.sink.complete:
             logging.warning(f"GEM-3D job {self.job.job_id}: only {self._stream.sink.filled_fraction:.0%} of the "
                             "slices arrived as windows")
-        if os.path.isfile(outputs.get("image", "")):
-            from gem3d.io import read_volume
-
-            self._stream.replace(np.asarray(read_volume(outputs["image"]).array, np.float32))
+        if event.get("slab") is not None:
+            self._stream.replace(np.asarray(event["slab"], np.float32))
         node.SetAttribute("GEM3D.Image", outputs.get("image", record["paths"]["out"]))
         node.SetAttribute("GEM3D.Mask", record["paths"]["mask"])
         node.SetAttribute("GEM3D.Provenance", outputs.get("provenance", ""))

@@ -82,7 +82,7 @@ class OutputStream:
         self.show_range(slab)
 
     def replace(self, array: np.ndarray) -> None:
-        """The final image (read from the engine's output file) replaces the streamed preview."""
+        """The final image (the stream's result) replaces the streamed preview."""
         voxels = slicer.util.arrayFromVolume(self.node)
         if array.shape != voxels.shape:
             raise ValueError(f"the engine's output has shape {array.shape}, the output volume {voxels.shape}")

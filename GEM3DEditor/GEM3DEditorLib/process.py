@@ -1,69 +1,15 @@
-"""Child processes that can be killed with everything they started, and a runner for
-long `gem3d` commands (batch enhancement / harmonisation) whose output is read by a thread.
+"""A runner for long `gem3d` commands (batch enhancement / harmonisation) whose output is read by a thread.
 """
 from __future__ import annotations
 
 import collections
-import os
 import queue
 import re
-import signal
 import subprocess
 import threading
 from typing import Dict, List, Optional, Sequence, Tuple
 
-
-def popen_group(command: Sequence[str], env: Optional[Dict[str, str]] = None,
-                cwd: Optional[str] = None, stdin: bool = False,
-                merge_stderr: bool = False) -> subprocess.Popen:
-    """Start `command` in its own session (POSIX) / process group (Windows), text pipes, UTF-8."""
-    kwargs = {}
-    if os.name == "nt":
-        kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP
-                                   | getattr(subprocess, "CREATE_NO_WINDOW", 0))
-    else:
-        kwargs["start_new_session"] = True
-    try:
-        return subprocess.Popen(
-            list(command), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
-            env=env, cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **kwargs)
-    except OSError as e:
-        raise RuntimeError(f"Could not start {' '.join(command)}: {e}") from e
-
-
-def kill_tree(process: Optional[subprocess.Popen]) -> None:
-    """Kill a process started by popen_group and all its descendants."""
-    if process is None or process.poll() is not None:
-        return
-    try:
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        else:
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: process group id == pid
-    except OSError:
-        pass
-    try:
-        process.kill()
-    except OSError:
-        pass
-
-
-def exit_message(what: str, returncode: Optional[int], tail: Sequence[str]) -> str:
-    """'The GEM-3D engine stopped unexpectedly with exit code 3. Last output: ...'"""
-    if returncode is not None and returncode < 0 and os.name != "nt":
-        try:
-            how = f"was killed by signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            how = f"was killed by signal {-returncode}"
-    else:
-        how = f"stopped unexpectedly with exit code {returncode}"
-    message = f"{what} {how}."
-    lines = [line.strip() for line in tail if line.strip()]
-    if lines:
-        message += " Last output: " + lines[-1]
-    return message
+from gem3d.processes import exit_message, kill_tree, popen_group
 
 
 _PROGRESS = (re.compile(r"\[(\d+)\s*/\s*(\d+)\]"),  # "[3/10] case ..."

@@ -5,7 +5,6 @@ The array is typically a view of a Slicer volume node's voxels (slicer.util.arra
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -53,17 +52,10 @@ class ArraySink:
         if self.on_modified is not None:
             self.on_modified()
 
-    def apply_event(self, event: dict, delete_file: bool = True) -> None:
-        """Apply a `window` event; its slab is an .npy file (removed after reading by default).
-        Returns the slab."""
-        path = event["path"]
-        slab = np.load(path, allow_pickle=False)
+    def apply_event(self, event: dict) -> np.ndarray:
+        """Apply a `window` event (its slab in-band, `gem3d.events`); returns the slab."""
+        slab = np.asarray(event["slab"])
         self.apply(int(event["axis"]), int(event["start"]), int(event["stop"]), slab)
-        if delete_file:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
         return slab
 
     @property

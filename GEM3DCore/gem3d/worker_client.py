@@ -1,13 +1,14 @@
 """Client of the `gem3d worker` stdio protocol (docs/worker-protocol.md).
 
-The worker runs as a subprocess in its own session / process group, so that it and anything it
-starts can be killed together. A reader thread parses stdout (one JSON event per line) onto a
+An engine client (`gem3d.events.EngineClient`). The worker runs as a subprocess in its own
+session / process group, so that it and anything it starts can be killed together. A reader
+thread parses stdout (`gem3d.events` frames: window slabs and the final volume in-band) onto a
 queue; `poll()` hands the events, in order, to the caller (a QTimer on Slicer's GUI thread).
-Log lines (stderr, stray stdout text) wait in another queue for `drain_log()`, so that only the
+Log lines (stderr, stray stdout text) wait in another queue for `log_lines()`, so that only the
 caller's thread logs; the last stderr lines are kept for error messages.
 
-Each event dict carries its kind under "event" (as gem3d's engine and worker write it); a
-"type" key is accepted as an alias and both are set.
+Each event dict carries its kind under "event" (as gem3d's engine and worker write it), and
+again under "type".
 
 Guarantees: a worker that dies yields an `error` event for each unfinished job (exit code, last
 stderr lines), never a hang; `cancel()` sends the cancel message and, if the job has not ended
@@ -19,6 +20,7 @@ request, a worker that is not running) are `error` events too, never exceptions.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import queue
@@ -28,10 +30,10 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from gem3d import request as requests
+from gem3d.events import MAX_HEADER, TERMINAL, StreamError, parse_header, read_slab
+from gem3d.processes import exit_message, kill_tree, popen_group
 from gem3d.queues import take
-from .process import exit_message, kill_tree, popen_group
 
-TERMINAL_EVENTS = ("finished", "cancelled", "error")
 WHAT = "The GEM-3D engine"
 STALL_TIMEOUT = 60.0  # the worker sends a heartbeat every 5 s while a job runs
 
@@ -89,7 +91,8 @@ class WorkerClient:
     def start(self) -> "WorkerClient":
         if self.running:
             return self
-        self._process = popen_group(self.command, self.env, self.cwd, stdin=True)
+        self._process = popen_group(self.command, self.env, self.cwd, stdin=True, text=False)
+        self._stdin = io.TextIOWrapper(self._process.stdin, encoding="utf-8", line_buffering=True)
         self._closing = False
         self._killed_for_cancel = False
         self._killed_for_stall = False
@@ -133,7 +136,7 @@ class WorkerClient:
         for timer in self._timers:
             timer.cancel()
         try:
-            self._process.stdin.close()
+            self._stdin.close()
         except OSError:
             pass
         try:
@@ -155,12 +158,12 @@ class WorkerClient:
             self._client_error(job_id if isinstance(job_id, str) else None, f"{WHAT} is not running; start it again.")
             return
         try:
-            self._process.stdin.write(json.dumps(message) + "\n")
-            self._process.stdin.flush()
+            self._stdin.write(json.dumps(message) + "\n")
+            self._stdin.flush()
         except (OSError, ValueError) as e:  # broken pipe: the reader thread reports the exit
             self._log.put(f"the GEM-3D engine did not take the message: {e}")
 
-    def generate(self, request: dict) -> str:
+    def submit(self, request: dict) -> str:
         """Validate and send a generate request; returns its job id. An invalid request gives an
         `error` event instead of an exception."""
         job_id = request.get("job_id") if isinstance(request, dict) else None
@@ -206,13 +209,13 @@ class WorkerClient:
         """Events received so far, in order; waits up to `timeout` seconds for the first one."""
         return take(self._events, timeout, max_events)
 
-    def drain_log(self) -> List[str]:
+    def log_lines(self) -> List[str]:
         """Log lines received so far (engine stderr, stray stdout text, client notes)."""
         return take(self._log)
 
     def _emit(self, event: dict) -> None:
         kind = event["event"]
-        if kind in TERMINAL_EVENTS:
+        if kind in TERMINAL:
             with self._lock:
                 if event.get("job_id") is not None:
                     self._active.pop(event["job_id"], None)
@@ -246,28 +249,28 @@ class WorkerClient:
                 return
 
     def _read_stdout(self, process, stderr_thread: threading.Thread) -> None:
-        for line in process.stdout:
-            with self._lock:
-                self._last_heard = time.monotonic()
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-                kind = event.get("event") or event.get("type") if isinstance(event, dict) else None
-                if not isinstance(kind, str):
-                    raise ValueError("not an event")
-            except ValueError:
-                self._log.put(line)
-                continue
-            event["event"] = event["type"] = kind
-            self._emit(event)
+        stdout = process.stdout
+        try:
+            for line in iter(lambda: stdout.readline(MAX_HEADER), b""):
+                with self._lock:
+                    self._last_heard = time.monotonic()
+                if not line.strip():
+                    continue
+                try:
+                    event = parse_header(line)
+                except StreamError:  # stray text on stdout: a log line
+                    self._log.put(line.decode("utf-8", "replace").strip())
+                    continue
+                event["type"] = event["event"]
+                self._emit(read_slab(stdout, event))
+        except (StreamError, OSError) as err:
+            self._log.put(f"stopped reading the GEM-3D engine's events: {err}")
         returncode = process.wait()
         stderr_thread.join(timeout=5.0)
         self._report_exit(returncode)
 
     def _read_stderr(self, process) -> None:
-        for line in process.stderr:
+        for line in io.TextIOWrapper(process.stderr, encoding="utf-8", errors="replace"):
             line = line.rstrip()
             if line:
                 self._stderr.append(line)
