@@ -163,6 +163,7 @@ def demo_request(reference: Path, mask: Path, out: Path, steps: Optional[int]) -
 
 
 def time_local(engine, request: dict) -> dict:
+    from gem3d.events import is_terminal
     from gem3d.request import GenerateRequest
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -170,7 +171,7 @@ def time_local(engine, request: dict) -> dict:
     for event in engine.generate(GenerateRequest.from_dict(request)):
         if event["event"] == "window" and first is None:
             first = time.perf_counter() - t0
-        if event["event"] in ("finished", "error", "cancelled"):
+        if is_terminal(event):
             assert event["event"] == "finished", event
     return {"total_s": time.perf_counter() - t0, "first_window_s": first, "cpu_s": time.process_time() - c0}
 
