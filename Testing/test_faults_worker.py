@@ -155,6 +155,27 @@ def test_eof_finishes_the_running_job_and_answers_the_queued_ones(tiny_bundle, b
         w.stop()
 
 
+def test_one_id_one_job_and_cancelled_ids_are_forgotten(worker, brain_phantom, tmp_path):
+    """Failed before: a cancel for an id with no job made a later job of that id end `cancelled` at
+    once, a cancelled job's id stayed cancelled for ever, and a second job with a queued or running
+    id was run as well."""
+    worker.send(json.dumps({"type": "cancel", "job_id": "early"}))  # no such job yet: a no-op
+    worker.send(json.dumps(request(brain_phantom, tmp_path / "early.nii.gz", "early")))
+    assert worker.until({"finished", "cancelled", "error"})[-1]["event"] == "finished"
+    worker.send(json.dumps(request(brain_phantom, tmp_path / "c1.nii.gz", "c", sampler="ddim", steps=400)))
+    assert worker.until({"started", "error"})[-1]["event"] == "started"
+    worker.send(json.dumps(request(brain_phantom, tmp_path / "c2.nii.gz", "c")))  # the same id, still running
+    refused = worker.until({"error", "finished", "cancelled"})[-1]
+    assert refused["event"] == "error" and refused["job_id"] == "c", refused
+    assert "already queued or running" in refused["message"] and "Traceback" not in refused["message"]
+    worker.send(json.dumps({"type": "cancel", "job_id": "c"}))
+    assert worker.until({"finished", "cancelled", "error"})[-1]["event"] == "cancelled"
+    worker.send(json.dumps(request(brain_phantom, tmp_path / "c3.nii.gz", "c")))  # the id is free again
+    events = worker.until({"finished", "cancelled", "error"})
+    assert events[-1]["event"] == "finished" and events[-1]["job_id"] == "c", events[-1]
+    assert not (tmp_path / "c1.nii.gz").exists() and not (tmp_path / "c2.nii.gz").exists()
+
+
 # ----------------------------------------------------------------------------- fuzzing the parser
 FIELDS = [f for f in GenerateRequest.__dataclass_fields__]
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -19,11 +19,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Dict, IO, Optional
+from typing import TYPE_CHECKING, BinaryIO, Dict, IO, Optional, Set
 
-from gem3d.events import encode_event
+from gem3d.events import encode_event, is_terminal
 from gem3d.protocol import error_event, parse_message, read_lines
 from gem3d.request import RequestError
+
+if TYPE_CHECKING:
+    from gem3d.engine import Engine
 
 log = logging.getLogger("gem3d.worker")
 _EOF = object()
@@ -38,8 +41,10 @@ class Worker:
         self.device = device
         self.heartbeat = heartbeat
         self.requests: "queue.Queue" = queue.Queue()
-        self.cancelled = set()
-        self.engines: Dict[tuple, object] = {}
+        self.jobs: Set[str] = set()  # ids of the jobs queued or running: one id, one job
+        self.cancelled: Set[str] = set()  # ids among them whose cancel arrived
+        self._jobs_lock = threading.Lock()
+        self.engines: Dict[tuple, "Engine"] = {}
         self.eof = threading.Event()
         self._emit_lock = threading.Lock()
 
@@ -55,15 +60,38 @@ class Worker:
             for line in read_lines(stdin):
                 if not line.strip():
                     continue
-                message = parse_message(line)
-                if message.get("type") == "cancel":
-                    self.cancelled.add(message["job_id"])
+                message = self._admit(parse_message(line))
+                if message is None:
+                    continue
                 self.requests.put(message)
         except (OSError, ValueError) as err:  # stdin broken or undecodable: treated as its end
             log.warning("stopped reading stdin: %s", err)
         finally:
             self.eof.set()
             self.requests.put(_EOF)
+
+    def _admit(self, message: dict) -> Optional[dict]:
+        """Note a job's id or its cancel (a cancel for no queued or running job is a no-op); a second
+        job with the id of one queued or running is refused at once (None: nothing to queue)."""
+        job_id = message.get("job_id")
+        with self._jobs_lock:
+            if message.get("type") == "cancel" and job_id in self.jobs:
+                self.cancelled.add(job_id)
+            elif message.get("type") == "generate":
+                if job_id in self.jobs:
+                    self.emit(error_event(f"job {job_id} is already queued or running in this worker; give "
+                                          "the new job another id", job_id))
+                    return None
+                self.jobs.add(job_id)
+        return message
+
+    def _end(self, event: dict) -> None:
+        """A job's terminal event: its id (and its cancel) are forgotten first, so that a job sent
+        with that id once the client has this event is a new job."""
+        with self._jobs_lock:
+            self.jobs.discard(event["job_id"])
+            self.cancelled.discard(event["job_id"])
+        self.emit(event)
 
     def serve(self, stdin: IO[str]) -> int:
         threading.Thread(target=self.read, args=(stdin,), daemon=True).start()
@@ -81,14 +109,14 @@ class Worker:
             self.emit(message)
             return
         if message["type"] == "cancel":
-            return  # already noted by the reader; a cancel for a finished job is a no-op
+            return  # already noted by the reader
         job_id = message["job_id"]
         if self.eof.is_set():
-            self.emit(error_event(f"job {job_id} was not started: the worker's input closed (EOF) before "
+            self._end(error_event(f"job {job_id} was not started: the worker's input closed (EOF) before "
                                   "it began; send it again to a running worker", job_id))
             return
         if job_id in self.cancelled:
-            self.emit({"event": "cancelled", "job_id": job_id})
+            self._end({"event": "cancelled", "job_id": job_id})
             return
         beat = threading.Event()
         beating = threading.Thread(target=self._heartbeats, args=(job_id, beat), daemon=True)
@@ -97,7 +125,7 @@ class Worker:
             self._run(message["request"])
         except Exception as err:  # a bug: still an answer, the traceback in the log
             log.exception("job %s crashed", job_id)
-            self.emit(error_event(f"internal error: {type(err).__name__}: {err}", job_id))
+            self._end(error_event(f"internal error: {type(err).__name__}: {err}", job_id))
         finally:
             beat.set()
             beating.join()  # no heartbeat after the job's last event, nor during shutdown
@@ -111,10 +139,10 @@ class Worker:
             engine = self.engine(bundle, request.device if request.device != "auto" else self.device)
         except Exception as err:
             log.debug("job %s: no engine", job_id, exc_info=True)
-            self.emit(error_event(str(err) or type(err).__name__, job_id))
+            self._end(error_event(str(err) or type(err).__name__, job_id))
             return
         for event in engine.generate(request, cancel=lambda: job_id in self.cancelled):
-            self.emit(event)
+            (self._end if is_terminal(event) else self.emit)(event)
 
     def _heartbeats(self, job_id: str, stop: threading.Event) -> None:
         start = time.monotonic()

@@ -176,8 +176,14 @@ class WorkerClient:
             self._client_error(job_id, str(err))
             return job_id
         with self._lock:
-            self._active[job_id] = False
-            self._last_heard = time.monotonic()
+            duplicate = job_id in self._active
+            if not duplicate:
+                self._active[job_id] = False
+                self._last_heard = time.monotonic()
+        if duplicate:  # refused here, and the running job of that id stays followed
+            self._events.put({"event": "error", "type": "error", "job_id": job_id,
+                              "message": f"job {job_id} is already queued or running; give the new job another id"})
+            return job_id
         self.send(request)
         return job_id
 
