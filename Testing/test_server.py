@@ -385,3 +385,46 @@ def test_remote_benchmark_smoke_writes_its_table(tmp_path):
     report = json.loads((tmp_path / "remote_smoke.json").read_text())
     assert report["remote_output_equals_local"] and report["load"]["finished"] == report["load"]["jobs"] == 4
     assert "Remote / local" in (tmp_path / "remote_smoke.md").read_text()
+
+
+def test_a_job_request_body_is_bounded_by_the_upload_limit(server):
+    """Failed before: POST /v1/jobs read a body of any size (the server's limit is 1 MiB here)."""
+    with http(server) as h:
+        huge = b'{"reference": "' + b"x" * int(1.5 * 2**20) + b'"}'
+        response = h.post("/v1/jobs", content=huge)
+        assert response.status_code == 413 and "--max-upload-mb" in response.json()["error"], response.text
+
+
+def test_a_client_dropping_mid_upload_is_one_log_line(server):
+    """Failed before: the cut-off upload left a traceback in the server's log."""
+    import socket
+    from urllib.parse import urlsplit
+
+    before = server.output()
+    parts = urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port)) as sock:
+        sock.sendall(f"POST /v1/uploads?suffix=.nii.gz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Length: 500000\r\n\r\n".encode() + b"x" * 1000)
+    deadline = time.monotonic() + 10
+    while "cut off" not in server.output()[len(before):] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    added = server.output()[len(before):]
+    assert added.count("cut off") == 1 and "Traceback" not in added, added
+
+
+def test_a_killed_servers_work_folder_is_swept_at_the_next_start(tiny_bundle, tmp_path):
+    """Failed before: a SIGKILLed server left its work folder (patients' uploads) for ever."""
+    first = bench.ServerProcess([tiny_bundle], env=dict(ONE_THREAD, TMPDIR=str(tmp_path)))
+    first.process.kill()
+    first.process.wait()
+    (stale,) = tmp_path.iterdir()
+    (stale / "uploads" / "scan.nii.gz").write_bytes(b"a patient")
+    alive = tmp_path / f"gem3d-serve-{os.getpid()}-other"  # a running server's folder stays
+    alive.mkdir()
+    second = bench.ServerProcess([tiny_bundle], env=dict(ONE_THREAD, TMPDIR=str(tmp_path)))
+    try:
+        folders = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        second.stop()
+    assert not stale.exists() and alive.name in folders and len(folders) == 2, folders
+    assert "removed the work folder of a stopped server" in second.output()

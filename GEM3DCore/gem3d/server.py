@@ -9,19 +9,24 @@ the data root, no CORS unless asked, and no token or file name in the logs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import json
 import logging
 import os
+import re
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 import gem3d
 from gem3d.events import MEDIA_TYPE, encode_event
@@ -32,6 +37,7 @@ from gem3d.request import GenerateRequest, RequestError
 
 log = logging.getLogger("gem3d.serve")
 UPLOAD_PREFIX = "upload:"
+WORK_PREFIX = "gem3d-serve-"  # + the server's pid + "-": a killed server's folder is found by its pid
 READ_EXTENSIONS = WRITE_EXTENSIONS  # one file per upload: DICOM folders are not uploaded
 HEARTBEAT_S = 5.0
 
@@ -196,18 +202,13 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
     async def upload(request: Request, suffix: str = ".nii.gz"):
         if suffix.lower() not in READ_EXTENSIONS:
             raise HTTPError(400, f"uploads must be one of {', '.join(READ_EXTENSIONS)} files, got {suffix!r}")
-        limit = settings.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HTTPError(413, _too_large(int(declared), limit))
+        chunks = request_chunks(request, settings.max_upload_bytes)
         upload_id, path = store.new_upload_path(suffix.lower())
         size = 0
         try:
             with open(path, "wb") as f:
-                async for chunk in request.stream():
+                async for chunk in chunks:
                     size += len(chunk)
-                    if size > limit:
-                        raise HTTPError(413, _too_large(size, limit))
                     f.write(chunk)
             if size == 0:
                 raise HTTPError(400, "the upload is empty")
@@ -215,6 +216,10 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
                 volume = await anyio.to_thread.run_sync(read_volume, path)
             except (ValueError, OSError, RuntimeError):
                 raise HTTPError(400, f"the upload is not a readable 3D {suffix} volume") from None
+        except ClientDisconnect:
+            path.unlink(missing_ok=True)
+            log.info("an upload was cut off by its client after %d bytes; nothing was kept", size)
+            return JSONResponse({"error": "the upload was cut off"}, status_code=400)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -223,8 +228,11 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
 
     @app.post("/v1/jobs", status_code=201, dependencies=[Depends(authorised)])
     async def submit(request: Request):
+        body = b""
+        async for chunk in request_chunks(request, settings.max_upload_bytes):
+            body += chunk
         try:
-            data = await request.json()
+            data = json.loads(body)
         except ValueError:
             raise HTTPError(400, "the request body is not JSON; send the generate request as a JSON object")
         client = server.client_key(request)
@@ -272,6 +280,19 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
     return app
 
 
+async def request_chunks(request: Request, limit: int):
+    """A POST body's chunks, refused (413) once it is over ``limit`` bytes (--max-upload-mb)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, _too_large(int(declared), limit))
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, _too_large(size, limit))
+        yield chunk
+
+
 async def stream(job: Job, seq: int, slabs: bool):
     """The job's events from `seq` on, then new ones as they come, until its last; heartbeats
     while nothing happens (a client tells a busy server from a stuck one)."""
@@ -300,8 +321,34 @@ def bundle_summary(name: str, path: Path) -> dict:
 
 
 def _too_large(size: int, limit: int) -> str:
-    return (f"the upload is {size / 2**20:.1f} MiB, above this server's limit of {limit / 2**20:.1f} MiB "
+    return (f"the request body is {size / 2**20:.1f} MiB, above this server's limit of {limit / 2**20:.1f} MiB "
             "(--max-upload-mb)")
+
+
+@contextlib.contextmanager
+def temporary_work_folder() -> Iterator[Path]:
+    """The server's work folder in the temp folder (it holds patients' uploads): removed when the server
+    stops, and, if it was killed instead, at the next server's start."""
+    temp = Path(tempfile.gettempdir())
+    for folder in temp.glob(f"{WORK_PREFIX}*-*"):
+        found = re.match(rf"{WORK_PREFIX}(\d+)-", folder.name)
+        if found and folder.is_dir() and not _alive(int(found.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed the work folder of a stopped server: %s", folder)
+    with tempfile.TemporaryDirectory(prefix=f"{WORK_PREFIX}{os.getpid()}-") as work:
+        yield Path(work)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would stop it: never swept there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def run(settings: Settings, host: str, port: int) -> None:

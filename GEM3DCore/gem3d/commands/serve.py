@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-import tempfile
 from pathlib import Path
 
 import click
@@ -81,10 +80,9 @@ def serve(bundles, host, port, token_file, devices, data_root, work_dir, max_upl
     from gem3d.server import Settings
 
     logging.basicConfig(level=logging.INFO, format="gem3d-serve %(levelname)s %(message)s")
-    from gem3d.server import run
+    from gem3d.server import run, temporary_work_folder
 
-    # A temporary work folder holds patients' uploads: it goes when the server stops.
-    with contextlib.nullcontext(work_dir) if work_dir else tempfile.TemporaryDirectory(prefix="gem3d-serve-") as work:
+    with contextlib.nullcontext(work_dir) if work_dir else temporary_work_folder() as work:
         settings = Settings(bundles=bundle_names(bundles), devices=device_list, work_dir=Path(work), token=token,
                             data_root=Path(data_root).resolve() if data_root else None,
                             max_upload_bytes=int(max_upload_mb * 2**20), max_jobs_per_client=max_jobs_per_client,
