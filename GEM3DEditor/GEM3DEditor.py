@@ -1,6 +1,5 @@
-"""GEM-3D Editor (Slicer 5.8+): the module class, a Widget that only wires the panel, the in-Slicer test.
-The work is in GEM3DEditorLib (logic.py: MRML with slicer and vtk only, tested under slicer-core; job.py;
-install.py) and in the gem3d engine, run as its own process whose events a QTimer applies."""
+"""GEM-3D Editor (Slicer 5.8+): the module class, a Widget that only wires the panel to a ModuleLogic (GEM3DEditorLib:
+MRML with slicer and vtk only), the in-Slicer test; the gem3d engine runs as a process whose events a QTimer applies."""
 import json
 import os
 import pathlib
@@ -19,6 +18,7 @@ from slicer.util import VTKObservationMixin
 
 from GEM3DEditorLib import install, label_matching, nodes, panel
 from GEM3DEditorLib.logic import EditorLogic, first_scalar_volume
+from GEM3DEditorLib.module_logic import ModuleLogic
 from GEM3DEditorLib.parameters import (BatchMode, GEM3DEditorParameterNode, InformedSource, batch_settings,
                                        generate_settings, path_text)
 from GEM3DEditorLib.settings import EngineSettings, GenerateSettings
@@ -69,10 +69,10 @@ def newEditorLogic() -> EditorLogic:
 
 
 class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None) -> None:
+    def __init__(self, parent=None, logic: "ModuleLogic | None" = None) -> None:  # a stand-in, else setup() makes one
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = self._parameterNode = self._parameterNodeGuiTag = self._observedSegmentation = None
+        self.logic, self._parameterNode, self._parameterNodeGuiTag, self._observedSegmentation = logic, None, None, None
 
     def onReload(self) -> None:
         """Reload GEM3DEditorLib and gem3d too (Slicer's Reload reloads only this file)."""
@@ -86,7 +86,7 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = newEditorLogic()
+        self.logic = self.logic or newEditorLogic()
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self.onTimer)

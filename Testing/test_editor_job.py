@@ -53,3 +53,59 @@ def test_a_remote_engine_says_what_it_uploads_and_where_the_job_waits():
     assert state.status == "Uploading the reference: 1.0 of 4.0 MB" and not state.done
     state = reduce(state, {"event": "queued", "job_id": "a", "device": "cuda:0", "position": 2})
     assert state.status == "Queued on the server (2 jobs ahead)" and not state.done
+
+
+def _members(tree, class_name):
+    """Names a class of `tree` defines: methods, properties, class-level annotations, self.X = ... in __init__."""
+    import ast
+
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name)
+    names = {n.name for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    names |= {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    for node in ast.walk(cls):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Attribute) and getattr(target.value, "id", "") == "self":
+                    names.add(target.attr)
+    return names - {"__init__"}
+
+
+def test_the_widget_uses_only_the_module_logic_interface_and_editor_logic_implements_it():
+    """The Widget (GEM3DEditor.py) reaches its logic only through GEM3DEditorLib.module_logic.ModuleLogic,
+    so a stand-in can replace it; EditorLogic has every member of it."""
+    import ast
+    import re
+
+    from GEM3DEditorLib.module_logic import ModuleLogic
+
+    interface = {n for n in dir(ModuleLogic) if not n.startswith("_")} | set(ModuleLogic.__annotations__)
+    widget = (ROOT / "GEM3DEditor" / "GEM3DEditor.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"\bself\.logic\.(\w+)", widget)) | set(re.findall(r"(?<![.\w])logic\.(\w+)", widget))
+    assert used and used <= interface, sorted(used - interface)
+    tree = ast.parse((ROOT / "GEM3DEditor" / "GEM3DEditorLib" / "logic.py").read_text(encoding="utf-8"))
+    assert interface <= _members(tree, "EditorLogic"), sorted(interface - _members(tree, "EditorLogic"))
+    assert "logic: \"ModuleLogic | None\" = None" in widget and "self.logic or newEditorLogic()" in widget
+
+
+class StandInLogic:
+    """What a widget test (SlicerNNUnet's WidgetTestCase) puts behind the Widget: no MRML, no engine."""
+
+    def __init__(self):
+        from GEM3DEditorLib.mask_history import MaskHistory
+
+        self.job = self.batch = None
+        self.history = MaskHistory()
+        self.calls = []
+        self.busy = self.batch_busy = False
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append(name)
+
+
+def test_a_stand_in_logic_satisfies_the_interface_and_an_incomplete_one_does_not():
+    from GEM3DEditorLib.module_logic import ModuleLogic
+
+    assert isinstance(StandInLogic(), ModuleLogic)
+    assert not isinstance(object(), ModuleLogic)
