@@ -141,3 +141,13 @@ def test_the_clients_import_without_torch():
     env = dict(os.environ, PYTHONPATH=str(ROOT / "GEM3DCore"))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_developers_guide_lists_every_module():
+    guide = (ROOT / "docs" / "DEVELOPING.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"`([\w.]+/?)`", guide.split("## Layout", 1)[1].split("## Rules", 1)[0]))
+    core = ROOT / "GEM3DCore" / "gem3d"
+    modules = {p.name for p in core.glob("*.py") if p.name != "__init__.py"}
+    modules |= {p.name + "/" for p in core.iterdir() if p.is_dir() and not p.name.startswith("__")}
+    modules |= {p.name for p in (ROOT / "GEM3DEditor" / "GEM3DEditorLib").glob("*.py") if p.name != "__init__.py"}
+    assert modules <= listed, sorted(modules - listed)
