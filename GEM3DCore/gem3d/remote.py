@@ -73,7 +73,7 @@ class RemoteClient:
         self._log: "queue.Queue[str]" = queue.Queue()
         self._lock = threading.Lock()
         self._jobs: Dict[str, _Job] = {}
-        self._info: Optional[dict] = None
+        self._server_info: Optional[dict] = None
 
     # ---------------------------------------------------------------- the engine client
     @property
@@ -134,7 +134,7 @@ class RemoteClient:
     def check(self) -> dict:
         """{"ok", "message", and when ok "version", "bundles"}: for a "Test connection" button; never raises."""
         try:
-            info = self.info(refresh=True)
+            info = self.server_info(refresh=True)
             bundles = self.bundles()
         except RemoteError as err:
             return {"ok": False, "message": str(err)}
@@ -142,10 +142,10 @@ class RemoteClient:
         return {"ok": True, "version": info["version"], "bundles": bundles,
                 "message": f"Connected to the GEM-3D server {info['version']} at {self.url} (bundles: {names})."}
 
-    def info(self, refresh: bool = False) -> dict:
-        if self._info is None or refresh:
-            self._info = self._json("GET", "/v1/info")
-        return self._info
+    def server_info(self, refresh: bool = False) -> dict:
+        if self._server_info is None or refresh:
+            self._server_info = self._json("GET", "/v1/info")
+        return self._server_info
 
     def bundles(self) -> List[dict]:
         return self._json("GET", "/v1/bundles")
@@ -251,7 +251,7 @@ class RemoteClient:
             inputs.append(("informed", informed["scan"]))
         local = {path for _, path in inputs if not path.startswith(SERVER_PREFIX)}
         total = sum(os.path.getsize(path) for path in local)
-        limit = self.info()["limits"]["max_upload_bytes"]
+        limit = self.server_info()["limits"]["max_upload_bytes"]
         uploaded: Dict[str, str] = {}
         progress = [0, total]
         for role, path in inputs:

@@ -89,7 +89,7 @@ def output_extension(out: Optional[str]) -> str:
     return ext
 
 
-class Server:
+class JobIntake:
     """The job store plus what turns an HTTP request into a job."""
 
     def __init__(self, settings: Settings, store: JobStore):
@@ -150,7 +150,7 @@ class Server:
 
 
 def build_app(settings: Settings, store: JobStore) -> FastAPI:
-    server = Server(settings, store)
+    intake = JobIntake(settings, store)
     app = FastAPI(title="GEM-3D engine", version=gem3d.__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)
     if settings.cors_origins:
@@ -223,7 +223,7 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
         except BaseException:
             path.unlink(missing_ok=True)
             raise
-        store.add_upload(Upload(upload_id, server.client_key(request), path))
+        store.add_upload(Upload(upload_id, intake.client_key(request), path))
         return {"upload_id": upload_id, "bytes": size, "shape": list(volume.shape)}
 
     @app.post("/v1/jobs", status_code=201, dependencies=[Depends(authorised)])
@@ -235,14 +235,14 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
             data = json.loads(body)
         except ValueError:
             raise HTTPError(400, "the request body is not JSON; send the generate request as a JSON object")
-        client = server.client_key(request)
+        client = intake.client_key(request)
         try:
             store.check_limits(client)
         except LimitError as err:
             raise HTTPError(429, str(err))
         job_id, folder = store.new_job_folder()
         try:
-            generate, bundle = server.job_request(data, job_id, folder)
+            generate, bundle = intake.job_request(data, job_id, folder)
         except (RequestError, ValueError, TypeError) as err:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPError(400, str(err))
@@ -370,7 +370,7 @@ def run(settings: Settings, host: str, port: int) -> None:
     store.start()
     log.info("serving %d bundle(s) on %s at http://%s:%d (token %s)", len(settings.bundles),
              ", ".join(settings.devices), host, port, "required" if settings.token else "not required")
-    class Server(uvicorn.Server):
+    class StoppingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             store.begin_stop()  # running jobs end within uvicorn's graceful shutdown
             super().handle_exit(sig, frame)
@@ -380,7 +380,7 @@ def run(settings: Settings, host: str, port: int) -> None:
     config = uvicorn.Config(build_app(settings, store), host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=3)
     try:
-        Server(config).run()
+        StoppingServer(config).run()
     finally:
         store.stop()
 

@@ -42,14 +42,14 @@ class EditorLogic:
     """Owns the one generation and the one batch run that may be going on, and the mask history."""
 
     def __init__(self, scene, volumes_logic, work_folder: str, gem3d_root: Optional[str] = None,
-                 engine_factory: Optional[Callable[[EngineSettings], EngineClient]] = None):
+                 client_factory: Optional[Callable[[EngineSettings], EngineClient]] = None):
         self.scene = scene
         self.volumes_logic = volumes_logic
         self.work_folder = work_folder
         self.gem3d_root = gem3d_root
-        self.engine_factory = engine_factory or self._new_engine
-        self.engine: Optional[EngineClient] = None
-        self._engine_key = None
+        self.client_factory = client_factory or self._new_client
+        self.client: Optional[EngineClient] = None
+        self._client_key = None
         self.history = MaskHistory()
         self.job: Optional[JobState] = None
         self.batch: Optional[JobState] = None
@@ -79,7 +79,7 @@ class EditorLogic:
         base = slicer.util.startupEnvironment() if engine_python.strip() else None
         return environment_with_path(base, [self.gem3d_root] if self.gem3d_root else [])
 
-    def _new_engine(self, settings: EngineSettings) -> EngineClient:
+    def _new_client(self, settings: EngineSettings) -> EngineClient:
         """`gem3d serve` at the settings' URL, else `<python> -m gem3d worker` (started here)."""
         if settings.server_url:
             from gem3d.remote import RemoteClient
@@ -88,16 +88,16 @@ class EditorLogic:
         return WorkerClient(worker_command(self.engine_python(settings.engine_python)),
                             env=self.engine_environment(settings.engine_python), cwd=self.work_folder).start()
 
-    def _engine_for(self, settings: EngineSettings) -> EngineClient:
+    def _client_for(self, settings: EngineSettings) -> EngineClient:
         """The engine these settings ask for, kept between jobs (its models stay loaded); a worker
         that has exited is started again."""
-        if (self.engine is None or self._engine_key != settings.engine_key
-                or getattr(self.engine, "running", True) is False):
-            if self.engine is not None:
-                self.engine.close()
-            self.engine = self.engine_factory(settings)
-            self._engine_key = settings.engine_key
-        return self.engine
+        if (self.client is None or self._client_key != settings.engine_key
+                or getattr(self.client, "running", True) is False):
+            if self.client is not None:
+                self.client.close()
+            self.client = self.client_factory(settings)
+            self._client_key = settings.engine_key
+        return self.client
 
     @property
     def busy(self) -> bool:
@@ -196,7 +196,7 @@ class EditorLogic:
         req = req.to_message()
         output_node = output.prepare_output_node(reference_node, output_node)
         self._stream = output.OutputStream(output_node, info.modality)
-        self._engine_for(engine).submit(req)
+        self._client_for(engine).submit(req)
         self.job = JobState(job_id, JobKind.GENERATE, status="Starting the GEM-3D engine...")
         self._job_record = {"request": req, "paths": paths, "mapping": dict(mapping), "modality": info.modality,
                             "mask_edits": self.history.applied_specs(), "segmentation": segmentation_node.GetName(),
@@ -218,11 +218,11 @@ class EditorLogic:
         if self._batch_runner is not None and self.batch is not None:
             for event in self._batch_runner.poll():
                 self.batch = reduce(self.batch, event)
-        if self.engine is None:
+        if self.client is None:
             return []
-        for line in self.engine.log_lines():
+        for line in self.client.log_lines():
             logging.info("gem3d: " + line)
-        events = self.engine.poll()
+        events = self.client.poll()
         for event in events:
             if self.job is None or self.job.done or event.get("job_id") not in (self.job.job_id, None):
                 continue
@@ -234,7 +234,7 @@ class EditorLogic:
                 elif event["event"] == "finished":
                     self._finish(event)
             except ValueError as e:  # a grid mismatch or a deleted node: stop rather than write wrong voxels
-                self.engine.cancel(self.job.job_id)
+                self.client.cancel(self.job.job_id)
                 event = {"event": "error", "job_id": self.job.job_id, "message": str(e)}
             self.job = reduce(self.job, event)
         return events
@@ -259,7 +259,7 @@ class EditorLogic:
 
     def cancel(self) -> None:
         if self.busy:
-            self.engine.cancel(self.job.job_id)
+            self.client.cancel(self.job.job_id)
 
     # ------------------------------------------------------------------ batch
     def start_batch(self, settings: BatchSettings) -> None:
@@ -293,9 +293,9 @@ class EditorLogic:
     def shutdown(self) -> None:
         self.abandon()
         self.cancel_batch()
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     # ------------------------------------------------------------------ export
     def exportable(self, selected=None):

@@ -9,7 +9,7 @@ import slicer
 from .export import synthetic_description
 from .sink import ArraySink
 
-CT_WINDOW = (40.0 - 200.0, 40.0 + 200.0)  # HU: soft-tissue window 400, level 40
+CT_DISPLAY_RANGE = (40.0 - 200.0, 40.0 + 200.0)  # HU shown: soft-tissue window 400, level 40
 GEM3D_ATTRIBUTES = ("GEM3D.Image", "GEM3D.Mask", "GEM3D.Provenance", "GEM3D.Modality", "GEM3D.ReferenceFile",
                     "GEM3D.Slicer")
 
@@ -54,7 +54,7 @@ class OutputStream:
         if display is None:
             return
         if self.modality == "ct":
-            low, high = CT_WINDOW
+            low, high = CT_DISPLAY_RANGE
         else:
             finite = slab[np.isfinite(slab)]
             if finite.size == 0:
