@@ -24,6 +24,7 @@ import torch
 
 from gem3d import conventions as conventions_lib
 from gem3d.bundle import Bundle, load_bundle
+from gem3d.events import Event
 from gem3d.io import provenance_path, write_volume
 from gem3d.outputs import write_text_atomically
 from gem3d.pipeline import SYNTHETIC_DESCRIPTION, SYNTHETIC_MASK, Generated, Pipeline, Switches
@@ -58,7 +59,7 @@ class Engine:
         self.pipeline = Pipeline(self.bundle, self.device, conv)
 
     def generate(self, request: GenerateRequest, cancel: Optional[Callable[[], bool]] = None, *,
-                 switches: Switches = Switches()) -> Iterator[dict]:
+                 switches: Switches = Switches()) -> Iterator[Event]:
         """``switches``: benchmark and ablation switches (`gem3d.pipeline.Switches`)."""
         job = request.job_id
         try:

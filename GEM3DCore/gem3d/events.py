@@ -12,25 +12,70 @@ numpy only: the clients import this inside Slicer, where torch may be absent.
 from __future__ import annotations
 
 import json
-from typing import BinaryIO, Dict, List, Optional, Protocol, Tuple
+from typing import BinaryIO, Dict, List, Optional, Protocol, Tuple, TypedDict
 
 import numpy as np
 
 MEDIA_TYPE = "application/vnd.gem3d.events"
 MAX_HEADER = 1 << 20  # a header line longer than this is a broken stream
 
-#: Every event kind and the fields it carries besides ``event`` and ``job_id`` (``slab``: an array
-#: in-band). `queued` and `upload` come from `gem3d serve` and `gem3d.remote` only.
-FIELDS: Dict[str, Tuple[str, ...]] = {
-    "started": ("shape", "geometry", "axis", "plan"),
-    "window": ("axis", "start", "stop", "direction", "progress", "slab"),
-    "heartbeat": ("elapsed",),
-    "upload": ("file", "done", "total"),
-    "queued": ("device", "position"),
-    "finished": ("outputs", "timings", "slab"),
-    "cancelled": (),
-    "error": ("message",),
-}
+class Event(TypedDict):
+    event: str  # the kind: a key of EVENTS
+    job_id: Optional[str]
+
+
+class Started(Event):
+    shape: List[int]  # the reference array's (z, y, x)
+    geometry: dict  # `gem3d.volume.Geometry.to_dict()`
+    axis: int  # the reference array axis of the model's slice axis
+    plan: List[dict]  # {"start", "stop", "direction"} per window, in reference indices along `axis`
+
+
+class Window(Event):
+    axis: int
+    start: int
+    stop: int
+    direction: str  # "first", "up", "down"
+    progress: float  # 0..1
+    slab: np.ndarray  # the output between start and stop along axis, float32, output units
+
+
+class Heartbeat(Event, total=False):
+    elapsed: float  # the stdio worker: seconds since the job started
+    state: str  # `gem3d serve`: the job's state
+
+
+class Upload(Event):
+    file: str  # reference, mask, informed
+    done: int  # bytes of all the job's uploads
+    total: int
+
+
+class Queued(Event):
+    device: str
+    position: int  # jobs ahead
+
+
+class Finished(Event):
+    outputs: Dict[str, str]  # image, provenance, mask: paths
+    timings: Dict[str, float]  # seconds
+    slab: np.ndarray  # the synthetic image as written to outputs["image"]
+
+
+class Cancelled(Event):
+    pass
+
+
+class Error(Event):
+    message: str  # one sentence a user can act on
+
+
+#: Every event kind and its type. `queued` and `upload` come from `gem3d serve` and `gem3d.remote` only.
+EVENTS = {"started": Started, "window": Window, "heartbeat": Heartbeat, "upload": Upload, "queued": Queued,
+          "finished": Finished, "cancelled": Cancelled, "error": Error}
+#: The fields of each kind besides ``event`` and ``job_id`` (``slab``: an array, in-band on the wire).
+FIELDS: Dict[str, Tuple[str, ...]] = {kind: tuple(k for k in cls.__annotations__ if k not in Event.__annotations__)
+                                      for kind, cls in EVENTS.items()}
 KINDS = tuple(FIELDS)
 #: The kinds that end a job: exactly one of them is a job's last event.
 TERMINAL = frozenset({"finished", "cancelled", "error"})
@@ -45,7 +90,7 @@ class EngineClient(Protocol):
     def submit(self, request: dict) -> str:
         """Start a `generate` request (`gem3d.request` as a dict, local paths); returns its job id."""
 
-    def poll(self, timeout: float = 0.0, max_events: Optional[int] = None) -> List[dict]:
+    def poll(self, timeout: float = 0.0, max_events: Optional[int] = None) -> List[Event]:
         """The events that arrived so far, in order (waits up to ``timeout`` s for the first)."""
 
     def cancel(self, job_id: str) -> None:
