@@ -17,12 +17,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from gem3d.events import TERMINAL
 from gem3d.request import GenerateRequest
+
+if TYPE_CHECKING:
+    from gem3d.engine import Engine
 
 log = logging.getLogger("gem3d.serve")
 
@@ -98,7 +101,7 @@ class Upload:
 class DeviceQueue:
     """A device's engines and its job queue, served by one thread."""
 
-    def __init__(self, device: str, engines: Dict[str, object], keep_s: float):
+    def __init__(self, device: str, engines: Dict[str, "Engine"], keep_s: float):
         self.device = device
         self.engines = engines
         self.keep_s = keep_s
