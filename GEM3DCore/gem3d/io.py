@@ -19,11 +19,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from .outputs import write_atomically
+from .typed import DocumentError, regular_file
 from .volume import Geometry, Volume
 
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 DESCRIPTION_KEY = "description"  # NRRD/MHA header key; NIfTI uses its 80-byte `descrip` field
 NIFTI_DESCRIP_LENGTH = 79
+MAX_VOXELS = 1 << 28  # 1 GiB of float32: far above any scan GEM-3D generates, far below a hostile header
+MAX_DATA_FILES = 4096
+HEADER_BYTES = 1 << 16
 DEFAULT_COLORS = ((0.5, 0.68, 0.5), (0.85, 0.32, 0.2), (0.98, 0.9, 0.25), (0.3, 0.5, 0.95),
                   (0.9, 0.5, 0.9), (0.3, 0.85, 0.85), (0.95, 0.6, 0.2), (0.6, 0.4, 0.25))
 
@@ -58,19 +62,106 @@ def read_volume(path, channel: Optional[int] = None) -> Volume:
 
 
 def _read_file(path: Path) -> sitk.Image:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"{path}: no such file")
+    for file in input_files(path):
+        regular_file(file, "image file" if file == path else f"data file of {path.name}")
     size = _gzip_size(path) if extension(path) == ".nii.gz" else None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
+        check_declared_size(reader, path)
         image = reader.Execute()
     except RuntimeError as error:
         raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
     if extension(path).startswith(".nii"):
         _check_nifti_complete(path, reader, path.stat().st_size if size is None else size)
     return image
+
+
+def check_declared_size(reader: sitk.ImageFileReader, path) -> int:
+    """The voxel count a header declares (after `ReadImageInformation`), refused above
+    MAX_VOXELS before anything is allocated."""
+    voxels = int(np.prod([int(n) for n in reader.GetSize()], dtype=object)) * reader.GetNumberOfComponents()
+    if voxels > MAX_VOXELS:
+        shape = " x ".join(str(n) for n in reader.GetSize())
+        raise ValueError(f"{path}: the header declares {shape} voxels ({voxels} values), more than gem3d reads "
+                         f"({MAX_VOXELS}); the header is damaged or the volume is not a scan")
+    return voxels
+
+
+def declared_voxels(path) -> int:
+    """The voxel count of an image file from its header alone (refused above MAX_VOXELS)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(regular_file(path, "image file")))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
+    return check_declared_size(reader, path)
+
+
+def input_files(path) -> List[Path]:
+    """Every file reading `path` opens: the file itself and the detached voxel files its header
+    names (.mhd/.mha `ElementDataFile`, .nhdr/.nrrd `data file`), so that confinement, overwrite
+    and locking rules cover them too. A folder (DICOM series) is itself."""
+    path = Path(path)
+    return [path] if path.is_dir() else [path, *data_files(path)]
+
+
+def data_files(path) -> List[Path]:
+    """The detached data files named by the header of `path` (absolute, or relative to its
+    folder), [] for formats without detached data; a header that cannot be read names none."""
+    path = Path(path)
+    ext = extension(path)
+    if ext not in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        return []
+    try:
+        with open(regular_file(path), "rb") as f:
+            lines = f.read(HEADER_BYTES).decode("latin-1").splitlines()
+    except (OSError, DocumentError):
+        return []
+    names = _nrrd_data_files(lines) if ext in (".nrrd", ".nhdr") else _meta_data_files(lines)
+    if len(names) > MAX_DATA_FILES:
+        raise ValueError(f"{path}: the header names {len(names)} data files, more than {MAX_DATA_FILES}")
+    return [path.parent / name for name in names]
+
+
+def _nrrd_data_files(lines: List[str]) -> List[str]:
+    for i, line in enumerate(lines[1:], 1):
+        if not line.strip():
+            return []
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("data file", "datafile"):
+            return _listed(value.strip(), lines[i + 1:])
+    return []
+
+
+def _meta_data_files(lines: List[str]) -> List[str]:
+    for i, line in enumerate(lines):
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "ElementDataFile":
+            value = value.strip()
+            return [] if value.upper() == "LOCAL" else _listed(value, lines[i + 1:])
+    return []
+
+
+def _listed(value: str, rest: List[str]) -> List[str]:
+    """One data file, a LIST (one name per following line) or a printf pattern `fmt min max step`."""
+    words = value.split()
+    if words and words[0].upper() == "LIST":
+        return [line.strip() for line in rest if line.strip()]
+    if len(words) >= 4 and "%" in words[0]:
+        try:
+            low, high, step = (int(w) for w in words[1:4])
+            indices = range(low, high + (1 if step > 0 else -1), step) if step else range(0)
+            if len(indices) > MAX_DATA_FILES:
+                return [words[0]] * len(indices)
+            return [words[0] % i for i in indices]
+        except (ValueError, TypeError):
+            return [value]
+    return [value]
 
 
 def _itk_message(error: RuntimeError) -> str:

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from gem3d.io import extension, nifti_nonfinite_count, read_volume
+from gem3d.io import declared_voxels, extension, nifti_nonfinite_count, read_volume
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.preflight")
@@ -28,14 +28,14 @@ def output_limits(request) -> Tuple[int, list]:
 
 
 def _expected_bytes(reference: str) -> int:
-    """Upper bound of the outputs' size: float32 image + int16 mask, uncompressed."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(reference))
+    """Upper bound of the outputs' size: float32 image + int16 mask, uncompressed. A header
+    declaring more than io.MAX_VOXELS is refused here, before any allocation."""
+    if Path(reference).is_dir():
+        return 0  # a DICOM folder: reading it checks it
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return 0  # not a readable file (a DICOM folder, or broken): reading it will say why
-    return int(np.prod(reader.GetSize()[:3])) * 6 + (1 << 20)
+        return declared_voxels(reference) * 6 + (1 << 20)
+    except FileNotFoundError:
+        return 0  # the request's path check says so
 
 
 def _datasets_of(inputs) -> list:

@@ -1,0 +1,125 @@
+"""Faults at the boundaries (issue 21, docs/faults.md classes A-F): detached data files are
+inputs, every written file is an output, documents cross one typed layer, numbers are finite
+and in range, volumes are what they claim, writes fail as one sentence. Real files, real
+subprocesses, a real `gem3d serve` on loopback."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from gem3d.io import input_files, read_volume
+from gem3d.preflight import output_limits
+from gem3d.request import GenerateRequest, RequestError
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "test-token-0123456789abcdef"
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def one_sentence(text: str) -> bool:
+    return "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+
+def gem3d(*args, timeout=120, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gem3d", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout, cwd=cwd)
+
+
+def write_nhdr(folder: Path, name: str, data_name: str, array=None) -> Path:
+    """A detached NRRD header `name` whose voxels are in `data_name` (any path, as the header says)."""
+    array = np.arange(60, dtype=np.int16).reshape(3, 4, 5) if array is None else array
+    header = folder / name
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(header))
+    written = header.with_suffix(".raw")
+    target = (folder / data_name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(written, target)
+    text = header.read_text().replace(f"data file: {written.name}", f"data file: {data_name}")
+    header.write_text(text)
+    return header
+
+
+# ------------------------------------------------------------------ A. detached data files are inputs
+def test_a_detached_data_file_is_an_input_for_the_overwrite_rules(tmp_path):
+    ref = write_nhdr(tmp_path, "ref.nhdr", "ref_data.nii")
+    mask = write_nhdr(tmp_path, "mask.nhdr", "mask.raw", np.ones((3, 4, 5), np.int16))
+    assert [p.name for p in input_files(ref)] == ["ref.nhdr", "ref_data.nii"]
+    request = GenerateRequest(str(ref), str(mask), str(tmp_path / "ref_data.nii"), overwrite=True)
+    problems = request.path_problems()
+    assert any("would overwrite an input" in p and "ref_data.nii" in p for p in problems), problems
+
+
+def test_a_fifo_named_like_a_volume_is_refused_not_a_hang(tmp_path):
+    fifo = tmp_path / "x.nii.gz"
+    os.mkfifo(fifo)
+    code = f"from gem3d.io import read_volume\ntry:\n read_volume({str(fifo)!r})\nexcept ValueError as e:\n print(e)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert "not a regular file" in done.stdout and one_sentence(done.stdout), done.stdout + done.stderr
+
+
+def test_a_header_declaring_800_cubed_voxels_is_refused_before_allocation(tmp_path):
+    huge = tmp_path / "huge.nrrd"
+    huge.write_bytes(b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 800 800 800\nencoding: raw\n\n" + b"\0" * 64)
+    with pytest.raises(ValueError, match="declares 800 x 800 x 800 voxels"):
+        read_volume(huge)
+    tiny = tmp_path / "tiny.nrrd"  # a 20-ish byte NRRD: a sentence, not "needs 5722045899 MiB free"
+    tiny.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 99999 99999 99999\nendian: little\nencoding: raw\n\n")
+    request = GenerateRequest(str(tiny), str(tiny), str(tmp_path / "out.nii.gz"))
+    with pytest.raises(ValueError, match="declares 99999 x 99999 x 99999 voxels"):
+        output_limits(request)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_bundle):
+    """`gem3d serve` with a data root holding a header whose voxels are outside it."""
+    spec = importlib.util.spec_from_file_location("remote_bench", ROOT / "benchmarks" / "remote.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    base = tmp_path_factory.mktemp("serve")
+    root, outside = base / "data_root", base / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.raw").write_bytes(bytes(range(60)) * 2)
+    write_nhdr(root, "escape.nhdr", "../outside/secret.raw")
+    write_nhdr(root, "ok.nhdr", "ok.raw")
+    (base / "token").write_text(TOKEN)
+    server = bench.ServerProcess([tiny_bundle], "--token-file", str(base / "token"), "--data-root", str(root),
+                                 "--max-upload-mb", "1", env={"OMP_NUM_THREADS": "1", "TMPDIR": str(base)})
+    client = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    yield client, root, outside
+    client.close()
+    server.stop()
+
+
+def test_a_uploads_with_detached_data_are_refused(served):
+    client, _, outside = served
+    for suffix, header in ((".mha", f"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+                                    f"ElementDataFile = {outside / 'secret.raw'}\n"),
+                           (".nrrd", f"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
+                                     f"data file: {outside / 'secret.raw'}\n\n")):
+        answer = client.post(f"/v1/uploads?suffix={suffix}", content=header.encode())
+        assert answer.status_code == 400 and "detached data file" in answer.json()["error"], answer.text
+
+
+def test_a_data_root_header_pointing_outside_is_refused_without_the_root_path(served):
+    client, root, _ = served
+    answer = client.post("/v1/jobs", json={"reference": "escape.nhdr", "mask": "ok.nhdr", "out": "o.nii.gz"})
+    detail = answer.json()["error"]
+    assert answer.status_code == 400 and "outside the server's data root" in detail, answer.text
+    assert str(root) not in detail and "secret" not in detail and one_sentence(detail)
+
+
+def test_a_huge_declared_upload_is_refused(served):
+    client, _, _ = served
+    header = b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 800 800 800\nencoding: gzip\n\n"
+    answer = client.post("/v1/uploads?suffix=.nrrd", content=header + b"\x1f\x8b" + b"\0" * 30)
+    assert answer.status_code == 400, answer.text
