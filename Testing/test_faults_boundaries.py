@@ -123,3 +123,73 @@ def test_a_huge_declared_upload_is_refused(served):
     header = b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 800 800 800\nencoding: gzip\n\n"
     answer = client.post("/v1/uploads?suffix=.nrrd", content=header + b"\x1f\x8b" + b"\0" * 30)
     assert answer.status_code == 400, answer.text
+
+
+# ------------------------------------------------------------------ B. outputs are every file written
+def cli(*args):
+    from click.testing import CliRunner
+
+    from gem3d.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def phantom_case(phantom, i=0):
+    return phantom / "imagesTr" / f"brain_{i:03d}_0000.nii.gz", phantom / "labelsTr" / f"brain_{i:03d}.nii.gz"
+
+
+def test_b_edit_mask_sidecar_and_edits_file_are_outputs_and_inputs(brain_phantom, tmp_path):
+    _, mask = phantom_case(brain_phantom)
+    (tmp_path / "case.json").write_text('{"mine": 1}')
+    kept = cli("edit-mask", "--mask", mask, "--out", tmp_path / "case.nii.gz", "--flip", "LR")
+    assert kept.exit_code == 1 and "case.json exists" in kept.output, kept.output
+    assert (tmp_path / "case.json").read_text() == '{"mine": 1}' and not (tmp_path / "case.nii.gz").exists()
+    edits = tmp_path / "e.json"
+    edits.write_text('[{"op": "flip", "axis": "LR"}]')
+    same = cli("edit-mask", "--mask", mask, "--edits", edits, "--out", tmp_path / "e.nii.gz", "--overwrite")
+    assert same.exit_code == 1 and "would overwrite an input" in same.output, same.output
+    assert edits.read_text() == '[{"op": "flip", "axis": "LR"}]' and not (tmp_path / "e.nii.gz").exists()
+
+
+def test_b_generate_never_writes_over_its_edits_file(brain_phantom, tmp_path):
+    reference, mask = phantom_case(brain_phantom)
+    edits = tmp_path / "edits.nii.gz"
+    edits.write_text("[]")
+    result = cli("generate", "--reference", reference, "--mask", mask, "--edits", edits, "--out", edits,
+                 "--overwrite")
+    assert result.exit_code == 1 and "would overwrite an input" in result.output, result.output
+    assert edits.read_text() == "[]"
+
+
+def test_b_dataset_inspect_report_never_goes_inside_the_dataset(brain_phantom):
+    before = (brain_phantom / "dataset.json").read_bytes()
+    result = cli("dataset", "inspect", brain_phantom, "--json", brain_phantom / "dataset.json")
+    assert result.exit_code == 1 and "inside the source dataset" in result.output, result.output
+    assert (brain_phantom / "dataset.json").read_bytes() == before
+
+
+def test_b_remote_client_checks_outputs_against_local_inputs(brain_phantom, tmp_path):
+    from gem3d.remote import request_problems
+
+    reference, mask = phantom_case(brain_phantom)
+    ref_nhdr = write_nhdr(tmp_path, "ref.nhdr", "ref_data.nii")
+    for out, ref in ((reference, reference), (tmp_path / "ref_data.nii", ref_nhdr)):
+        problems = request_problems({"reference": str(ref), "mask": str(mask), "out": str(out), "overwrite": True})
+        assert any("would overwrite an input" in p for p in problems), problems
+
+
+def test_b_image_mask_and_provenance_land_together(brain_phantom, tmp_path):
+    from gem3d.engine import write_outputs
+    from gem3d.pipeline import Generated
+
+    reference, mask = phantom_case(brain_phantom)
+    (tmp_path / "file").write_text("x")
+    request = GenerateRequest(str(reference), str(mask), str(tmp_path / "out.nii.gz"),
+                              mask_out=str(tmp_path / "file" / "mask.nii.gz"))  # the mask's write fails
+    image = read_volume(reference)
+    generated = Generated(image, read_volume(mask), {"bundle": {"name": "b"}, "seed": 0})
+    with pytest.raises(OSError):
+        write_outputs(generated, request, {}, 0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -115,6 +115,27 @@ def write_atomically(path: PathLike, write: Callable[[Path], None],
     return path
 
 
+class Landing:
+    """Outputs that land together or not at all: `with Landing() as landed: landed.add(write(...))`;
+    when a later write fails (a full disk), the files written before it are removed, so no image
+    is left without its mask and provenance."""
+
+    def __init__(self):
+        self.written: list = []
+
+    def add(self, path: PathLike) -> Path:
+        self.written.append(Path(path))
+        return Path(path)
+
+    def __enter__(self) -> "Landing":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            for path in self.written:
+                path.unlink(missing_ok=True)
+
+
 def write_text_atomically(path: PathLike, text: str) -> Path:
     """A text file (provenance, dataset.json) written the same way, its size checked."""
     data = text.encode("utf-8")

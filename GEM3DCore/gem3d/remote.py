@@ -30,7 +30,8 @@ from urllib.parse import quote, urlsplit
 import numpy as np
 
 from gem3d.event_frames import StreamError, read_event
-from gem3d.io import extension, provenance_path
+from gem3d.io import extension, input_files, provenance_path
+from gem3d.outputs import OutputError, check_outputs
 from gem3d.queues import take
 
 TERMINAL_EVENTS = ("finished", "cancelled", "error")
@@ -476,11 +477,16 @@ def request_problems(request: dict) -> List[str]:
     out = request.get("out")
     if not isinstance(out, str) or not out:
         problems.append("out (the output path) is empty")
-    else:
-        if os.path.exists(out) and not request.get("overwrite"):
-            problems.append(f"output {out!r} exists already; it is never overwritten")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            problems.append(f"the output folder of {out!r} does not exist")
+    else:  # the outputs are checked against every local input, as for a local job
+        local = [p for p in (request.get("reference"), request.get("mask"), scan)
+                 if isinstance(p, str) and p and not p.startswith(SERVER_PREFIX)]
+        outputs = {"out": out, "provenance": str(provenance_path(out))}
+        if isinstance(request.get("mask_out"), str) and request["mask_out"]:
+            outputs["mask_out"] = request["mask_out"]
+        try:
+            check_outputs(outputs, [str(f) for p in local for f in input_files(p)], bool(request.get("overwrite")))
+        except (OutputError, OSError, ValueError) as err:
+            problems.append(str(err))
     return problems
 
 

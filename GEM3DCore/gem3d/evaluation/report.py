@@ -10,6 +10,7 @@ image with its mask as the ceiling). Volumes are read one at a time.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -22,6 +23,7 @@ from gem3d.evaluation.extractors import make_extractor
 from gem3d.evaluation.frechet import FrechetPlanes
 from gem3d.evaluation.metrics import ms_ssim_scales, paired_metrics
 from gem3d.datasets import open_dataset
+from gem3d.outputs import write_text_atomically
 from gem3d.evaluation.volumes import pair_cases, read_case, read_unit_case, to_unit, unit_range
 
 
@@ -152,11 +154,12 @@ def _flat(report: dict):
 
 
 def write_json(report: dict, path) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(report, indent=2) + "\n")
 
 
 def write_csv(report: dict, path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["scope", "case", "metric", "value"])
-        writer.writerows(_flat(report))
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["scope", "case", "metric", "value"])
+    writer.writerows(_flat(report))
+    write_text_atomically(path, text.getvalue())
