@@ -193,3 +193,104 @@ def test_b_image_mask_and_provenance_land_together(brain_phantom, tmp_path):
     with pytest.raises(OSError):
         write_outputs(generated, request, {}, 0.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+# ------------------------------------------------------------------ C. documents cross one typed layer
+def bundle_with(tmp_path, tiny_bundle, change) -> Path:
+    """A copy of the tiny bundle whose bundle.json text is changed by `change(text)`."""
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    (copy / "bundle.json").write_text(change((copy / "bundle.json").read_text()))
+    return copy
+
+
+def one_error(call, error, *words):
+    with pytest.raises(error) as caught:
+        call()
+    text = str(caught.value)
+    assert one_sentence(text) and all(w in text for w in words), text
+    return text
+
+
+def test_c_wrong_types_in_bundle_and_dataset_json_are_one_sentence(tiny_bundle, brain_phantom, tmp_path):
+    from gem3d.bundle_format import BundleError, read_info
+    from gem3d.datasets import DatasetFormatError, open_dataset
+
+    info = json.loads((Path(tiny_bundle) / "bundle.json").read_text())
+    bad = bundle_with(tmp_path, tiny_bundle, lambda t: json.dumps(dict(info, weights=dict(info["weights"], vae=5))))
+    one_error(lambda: read_info(bad), BundleError, "bundle.json", "'weights'")
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    (deep / "bundle.json").write_text("[" * 100000 + "]" * 100000)
+    one_error(lambda: read_info(deep), BundleError, "nests deeper")
+    meta = json.loads((brain_phantom / "dataset.json").read_text())
+    for change, field in (([meta], "the document"), (dict(meta, labels=[1, 2]), "'labels'"),
+                          (dict(meta, file_ending=5), "'file_ending'"), ("{not json", "not valid JSON")):
+        data = tmp_path / f"data_{len(list(tmp_path.iterdir()))}"
+        data.mkdir()
+        (data / "dataset.json").write_text(change if isinstance(change, str) else json.dumps(change))
+        one_error(lambda: open_dataset(data), DatasetFormatError, "dataset.json", field)
+
+
+def test_c_config_yaml_errors_and_batch_size_0_are_one_sentence(tmp_path):
+    from gem3d.config import load_config
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  batch_size: [1,\n")
+    one_error(lambda: load_config(broken), ValueError, "broken.yaml", "not valid YAML", "line")
+    zero = tmp_path / "zero.yaml"
+    zero.write_text("preset: tiny\ntrain:\n  batch_size: 0\n")
+    one_error(lambda: load_config(zero), ValueError, "zero.yaml", "train.batch_size")
+
+
+def test_c_edit_parameters_of_the_wrong_type_name_file_and_field(brain_phantom, tmp_path):
+    _, mask = phantom_case(brain_phantom)
+    for edits, field in (('[{"op": "rotate", "degrees": "x"}]', "'degrees'"), ('{"edits": 5}', "'edits'"),
+                         ('[{"op": "flip", "axis": 5}]', "'axis'"), ("[[[", "not valid JSON")):
+        path = tmp_path / "edits.json"
+        path.write_text(edits)
+        result = cli("edit-mask", "--mask", mask, "--edits", path, "--out", tmp_path / "o.nii.gz")
+        assert result.exit_code == 1 and "edits.json" in result.output and field in result.output, result.output
+        assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_c_deeply_nested_job_body_is_a_400(served):
+    client, _, _ = served
+    answer = client.post("/v1/jobs", content=b"[" * 100000 + b"]" * 100000,
+                         headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "nests deeper" in answer.json()["error"], answer.text
+
+
+# ------------------------------------------------------------------ D. numbers finite and in range
+def test_d_bundle_nan_beta_and_huge_latent_scale_are_refused_at_load(tiny_bundle, tmp_path):
+    from gem3d.bundle_format import BundleError, read_info
+
+    info = json.loads((Path(tiny_bundle) / "bundle.json").read_text())
+    nan = bundle_with(tmp_path, tiny_bundle, lambda t: t.replace('"beta_end": 0.012', '"beta_end": NaN'))
+    one_error(lambda: read_info(nan), BundleError, "bundle.json", "NaN")
+    config = dict(info["config"], vae=dict(info["config"]["vae"], scale=1e308))
+    huge = bundle_with(tmp_path / "h", tiny_bundle, lambda t: json.dumps(dict(info, config=config)))
+    one_error(lambda: read_info(huge), BundleError, "vae.scale")
+
+
+@pytest.mark.parametrize("option", [["--translate", "nan", "0", "0"], ["--rotate", "inf", "0", "0"],
+                                    ["--scale", "nan"]])
+def test_d_non_finite_edit_options_are_refused(brain_phantom, tmp_path, option):
+    _, mask = phantom_case(brain_phantom)
+    result = cli("edit-mask", "--mask", mask, "--out", tmp_path / "o.nii.gz", *option)
+    assert result.exit_code == 1 and "finite number" in result.output and one_sentence(result.output), result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_d_mask_labels_that_do_not_fit_are_refused_not_wrapped(tmp_path):
+    from gem3d.labels import label_array
+    from gem3d.preflight import check_mask_not_empty
+    from gem3d.volume import Geometry, Volume
+
+    for value in (65540, 65537.0, -40000):
+        one_error(lambda: label_array(np.full((2, 2, 2), value), "m.nii.gz"), ValueError, "m.nii.gz", "outside")
+    assert label_array(np.array([0.0, 3.0]), "m").tolist() == [0, 3]
+    outside_only = Volume(np.array([0, -1], np.int16).reshape(1, 1, 2), Geometry((1, 1, 1), (0, 0, 0), np.eye(3)))
+    one_error(lambda: check_mask_not_empty(outside_only, False, "m.nii.gz"), ValueError, "no labelled voxel")

@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
+from gem3d import typed
 from gem3d.datasets import Dataset
 from gem3d.io import read_description, read_volume
 from gem3d.outputs import OutputError, write_text_atomically
@@ -102,7 +103,7 @@ def is_complete(out_dir: Path, job: Job) -> bool:
     with some of them)."""
     image, mask, record = outputs_of(out_dir, job)
     try:
-        if not json.loads(record.read_text()).get("synthetic"):
+        if not typed.obj(typed.load_json(record), str(record)).get("synthetic"):
             return False
         read_volume(image)
         read_volume(mask)
@@ -130,7 +131,7 @@ def _own_leftovers(job: Job) -> bool:
             return False
     sidecar = provenance_path(job.request.out)
     try:
-        return not sidecar.exists() or bool(json.loads(sidecar.read_text()).get("synthetic"))
+        return not sidecar.exists() or bool(typed.obj(typed.load_json(sidecar), str(sidecar)).get("synthetic"))
     except (OSError, ValueError):
         return False
 

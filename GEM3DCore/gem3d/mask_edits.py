@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from gem3d import typed
+from gem3d.labels import MAX_LABEL
 from gem3d.volume import Volume
 
 ARRAY_AXES = {"x": 2, "y": 1, "z": 0}          # numpy axis of each index axis (arrays are z, y, x)
@@ -200,7 +201,6 @@ OPS = {"flip": flip, "rotate": rotate, "translate": translate, "scale": scale,
        "move_toward_center": move_toward_center, "relabel": relabel, "copy_lesion": copy_lesion}
 
 
-MAX_LABEL = 32767  # masks are int16 on the model grid
 MAX_MM = 1e6
 LABEL_LIST = {"labels": lambda v, w, n: [typed.number(x, w, f"{n}[{i}]", 1, MAX_LABEL, integer=True)
                                          for i, x in enumerate(typed.array(v, w, n))]}

@@ -90,6 +90,6 @@ def _label_volumes(mask: Volume) -> Dict[int, float]:
 
 def check_mask_not_empty(mask: Volume, allow_empty: bool, where: str) -> None:
     """An all-zero mask is a real use (a healthy counterfactual) but must be asked for."""
-    if not allow_empty and not np.any(mask.array):
+    if not allow_empty and not np.any(mask.array > 0):  # -1 marks outside the body, not a lesion
         raise ValueError(f"the mask {where} has no labelled voxel; draw a label, or allow an empty mask "
                          "(--allow-empty-mask / \"allow_empty_mask\": true) to generate a scan without one")

@@ -19,16 +19,11 @@ def sidecar_path(path) -> Path:
 
 
 def _read_mask(path):
-    import numpy as np
-
     from gem3d.io import read_volume
+    from gem3d.labels import label_array
 
     mask = read_volume(path)
-    if mask.array.dtype.kind == "f":
-        if not np.array_equal(mask.array, np.round(mask.array)):
-            raise click.ClickException(f"{path}: mask voxels are not integer labels")
-        mask = mask.with_array(mask.array.astype(np.int16))
-    return mask
+    return mask.with_array(label_array(mask.array, str(path))) if mask.array.dtype.kind == "f" else mask
 
 
 @click.command("edit-mask")

@@ -1,7 +1,6 @@
 """`gem3d generate` (one volume) and `gem3d worker` (the stdio engine Slicer talks to)."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
