@@ -294,3 +294,64 @@ def test_d_mask_labels_that_do_not_fit_are_refused_not_wrapped(tmp_path):
     assert label_array(np.array([0.0, 3.0]), "m").tolist() == [0, 3]
     outside_only = Volume(np.array([0, -1], np.int16).reshape(1, 1, 2), Geometry((1, 1, 1), (0, 0, 0), np.eye(3)))
     one_error(lambda: check_mask_not_empty(outside_only, False, "m.nii.gz"), ValueError, "no labelled voxel")
+
+
+# ------------------------------------------------------------------ E. volumes are what they claim
+def write_dicom(folder: Path, array, series="1.2.826.0.1.3680043.2.1125.1", spacing=(1.0, 1.0, 2.0),
+                origin=(0.0, 0.0, 0.0), direction=np.eye(3), drop=(), repeat=()) -> Path:
+    """A DICOM series of int16 `array` (z, y, x), one file per slice with its position; slices in
+    `drop` are left out, slices in `repeat` written twice."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(array.shape[0]):
+        if z in drop:
+            continue
+        for copy in range(2 if z in repeat else 1):
+            image = sitk.GetImageFromArray(array[z].astype(np.int16))
+            image.SetSpacing(spacing[:2])
+            position = np.asarray(origin) + z * spacing[2] * np.asarray(direction)[:, 2]
+            tags = {"0008|0060": "MR", "0020|000d": "1.2.3", "0020|000e": series, "0020|0013": str(z + 1),
+                    "0020|0037": "\\".join(f"{v:.9f}" for v in np.asarray(direction).T[:2].ravel()),
+                    "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                    "0018|0050": str(spacing[2]), "0028|0030": f"{spacing[1]}\\{spacing[0]}",
+                    "0008|0018": f"{series}.{z}.{copy}"}
+            for tag, value in tags.items():
+                image.SetMetaData(tag, value)
+            writer.SetFileName(str(folder / f"{series[-1]}_{z:03d}_{copy}.dcm"))
+            writer.Execute(image)
+    return folder
+
+
+def test_e_dicom_series_are_checked_for_gaps_duplicates_and_mixed_series(tmp_path):
+    array = np.arange(6 * 4 * 5, dtype=np.int16).reshape(6, 4, 5)
+    good = read_volume(write_dicom(tmp_path / "good", array))
+    assert good.shape == (6, 4, 5) and np.array_equal(good.array, array)
+    assert np.allclose(good.geometry.spacing, (1, 1, 2))
+    one_error(lambda: read_volume(write_dicom(tmp_path / "gap", array, drop=(3,))), ValueError, "gap", "missing")
+    one_error(lambda: read_volume(write_dicom(tmp_path / "dup", array, repeat=(2,))), ValueError, "duplicated")
+    mixed = write_dicom(tmp_path / "mixed", array)
+    write_dicom(mixed, array[:3], series="1.2.826.0.1.3680043.2.1125.2")
+    one_error(lambda: read_volume(mixed), ValueError, "2 DICOM series")
+
+
+def test_e_sheared_nrrd_is_refused_not_made_orthogonal(tmp_path):
+    header = write_nhdr(tmp_path, "s.nhdr", "s.raw")
+    header.write_text(header.read_text().replace("space directions: (1,0,0) (0,1,0) (0,0,1)",
+                                                 "space directions: (1,0,0) (0.5,1,0) (0,0,1)"))
+    one_error(lambda: read_volume(header), ValueError, "s.nhdr", "sheared")
+
+
+def test_e_generate_accepts_a_dicom_folder(tiny_bundle, brain_phantom, tmp_path):
+    from gem3d.engine import Engine
+
+    reference, mask = phantom_case(brain_phantom)
+    scan = read_volume(reference)
+    origin, spacing = scan.geometry.origin, scan.geometry.spacing
+    folder = write_dicom(tmp_path / "dicom", np.round(scan.array * 1000 / max(scan.array.max(), 1)),
+                         spacing=tuple(float(s) for s in spacing), origin=origin, direction=scan.geometry.direction)
+    request = GenerateRequest(str(folder), str(mask), str(tmp_path / "out.nii.gz"), start=0.5, steps=1)
+    assert request.path_problems() == []
+    events = list(Engine(tiny_bundle, "cpu").generate(request))
+    assert events[-1]["event"] == "finished", events[-1]
+    assert read_volume(tmp_path / "out.nii.gz").shape == scan.shape

@@ -66,6 +66,7 @@ def _read_file(path: Path) -> sitk.Image:
         raise FileNotFoundError(f"{path}: no such file")
     for file in input_files(path):
         regular_file(file, "image file" if file == path else f"data file of {path.name}")
+    check_not_sheared(path)
     size = _gzip_size(path) if extension(path) == ".nii.gz" else None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
@@ -114,18 +115,48 @@ def data_files(path) -> List[Path]:
     """The detached data files named by the header of `path` (absolute, or relative to its
     folder), [] for formats without detached data; a header that cannot be read names none."""
     path = Path(path)
-    ext = extension(path)
-    if ext not in (".nrrd", ".nhdr", ".mha", ".mhd"):
-        return []
-    try:
-        with open(regular_file(path), "rb") as f:
-            lines = f.read(HEADER_BYTES).decode("latin-1").splitlines()
-    except (OSError, DocumentError):
-        return []
-    names = _nrrd_data_files(lines) if ext in (".nrrd", ".nhdr") else _meta_data_files(lines)
+    lines = _header_lines(path)
+    names = _nrrd_data_files(lines) if extension(path) in (".nrrd", ".nhdr") else _meta_data_files(lines)
     if len(names) > MAX_DATA_FILES:
         raise ValueError(f"{path}: the header names {len(names)} data files, more than {MAX_DATA_FILES}")
     return [path.parent / name for name in names]
+
+
+def _header_lines(path: Path) -> List[str]:
+    """The text header of a NRRD or MetaImage file ([] for other formats or an unreadable file)."""
+    if extension(path) not in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        return []
+    try:
+        with open(regular_file(path), "rb") as f:
+            return f.read(HEADER_BYTES).decode("latin-1").split("\n")
+    except (OSError, DocumentError):
+        return []
+
+
+def check_not_sheared(path) -> None:
+    """Refuse axes that are not perpendicular (NRRD `space directions`, MetaImage
+    `TransformMatrix`): ITK would silently make them orthogonal, moving every voxel."""
+    path = Path(path)
+    axes = None
+    for line in _header_lines(path):
+        key, sep, value = line.partition(":" if extension(path) in (".nrrd", ".nhdr") else "=")
+        key = key.strip().lower()
+        if not line.strip() and extension(path) in (".nrrd", ".nhdr"):
+            break
+        numbers = [float(n) for n in re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", value)]
+        if sep and key in ("space directions", "transformmatrix") and len(numbers) == 9:
+            axes = np.reshape(numbers, (3, 3))
+    if axes is None:
+        return
+    norms = np.linalg.norm(axes, axis=1)
+    if np.any(norms == 0) or not np.all(np.isfinite(axes)):
+        raise ValueError(f"{path}: the header's axis directions are zero or not finite; the file is damaged")
+    unit = axes / norms[:, None]
+    cosines = np.abs(unit @ unit.T - np.eye(3))
+    if cosines.max() > 1e-4:
+        angle = float(np.degrees(np.arcsin(min(1.0, cosines.max()))))
+        raise ValueError(f"{path}: the volume's axes are sheared ({angle:.2g} degrees off perpendicular); "
+                         "gem3d keeps geometry exactly, so resample it onto a perpendicular grid first")
 
 
 def _nrrd_data_files(lines: List[str]) -> List[str]:
@@ -198,17 +229,55 @@ def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader, size: int) -
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    """The series with the most files in `folder` (a folder often holds a localiser too)."""
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    """The one series in `folder`, its slices checked: ITK reads a series with a missing slice
+    with an averaged spacing, and duplicated positions or a second series silently."""
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as error:
+        raise ValueError(f"cannot read the DICOM folder {folder}: {_itk_message(error)}") from None
     if not series:
         raise ValueError(f"{folder}: no DICOM series found in this folder")
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    if len(series) > 1:
+        counts = ", ".join(f"{len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s))} slices"
+                           for s in series)
+        raise ValueError(f"{folder}: the folder holds {len(series)} DICOM series ({counts}); "
+                         "put each series in its own folder and give that folder")
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    _check_slice_positions(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         return reader.Execute()
     except RuntimeError as error:
         raise ValueError(f"cannot read the DICOM series in {folder}: {_itk_message(error)}") from None
+
+
+def _check_slice_positions(folder: Path, files) -> None:
+    """Slices evenly spaced along the slice normal: no duplicated position, no missing slice."""
+    positions, normal = [], None
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        try:
+            reader.ReadImageInformation()
+            if normal is None:
+                row_col = np.array(reader.GetMetaData("0020|0037").split("\\"), float)
+                normal = np.cross(row_col[:3], row_col[3:])
+            positions.append(float(np.dot(np.array(reader.GetMetaData("0020|0032").split("\\"), float), normal)))
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{folder}: slice {Path(file).name} has no readable position/orientation; "
+                             "give a complete DICOM series") from None
+    if len(positions) < 2:
+        return
+    steps = np.diff(np.sort(positions))
+    spacing = float(np.median(steps))
+    if np.any(steps < 1e-3 * max(spacing, 1e-6)):
+        raise ValueError(f"{folder}: two slices of the DICOM series share a position (duplicated slice); "
+                         "remove the duplicate")
+    if np.any(steps > 1.5 * spacing):
+        missing = int(round(float(np.sum(steps / spacing - 1))))
+        raise ValueError(f"{folder}: the DICOM series has a gap of about {missing} missing slice(s) "
+                         f"(spacing {spacing:g} mm elsewhere); give the complete series")
 
 
 def _select_channel(image: sitk.Image, channel: Optional[int], path: Path) -> Volume:

@@ -124,7 +124,7 @@ class GenerateRequest:
         problems = []
         scan = self.informed.scan if self.informed.source in ("other", "fixed") else None
         for key, path in (("reference", self.reference), ("mask", self.mask), ("informed.scan", scan)):
-            if path and not os.path.isfile(path):
+            if path and not (os.path.isfile(path) or os.path.isdir(path)):  # a folder: a DICOM series
                 problems.append(f"the {key} file {path} does not exist")
         if self.bundle and not os.path.isfile(os.path.join(self.bundle, "bundle.json")):
             problems.append(f"the model bundle folder {self.bundle} has no bundle.json")
