@@ -18,7 +18,11 @@ import SimpleITK as sitk
 
 from gem3d.io import input_files, read_volume
 from gem3d.preflight import output_limits
-from gem3d.request import GenerateRequest, RequestError
+from gem3d.request import GenerateRequest
+from gem3d.volume import Geometry, Volume
+from test_io import write_dicom_series
+
+UID = "1.2.826.0.1.3680043.2.1125.21."
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
@@ -287,7 +291,6 @@ def test_d_non_finite_edit_options_are_refused(brain_phantom, tmp_path, option):
 def test_d_mask_labels_that_do_not_fit_are_refused_not_wrapped(tmp_path):
     from gem3d.labels import label_array
     from gem3d.preflight import check_mask_not_empty
-    from gem3d.volume import Geometry, Volume
 
     for value in (65540, 65537.0, -40000):
         one_error(lambda: label_array(np.full((2, 2, 2), value), "m.nii.gz"), ValueError, "m.nii.gz", "outside")
@@ -297,42 +300,20 @@ def test_d_mask_labels_that_do_not_fit_are_refused_not_wrapped(tmp_path):
 
 
 # ------------------------------------------------------------------ E. volumes are what they claim
-def write_dicom(folder: Path, array, series="1.2.826.0.1.3680043.2.1125.1", spacing=(1.0, 1.0, 2.0),
-                origin=(0.0, 0.0, 0.0), direction=np.eye(3), drop=(), repeat=()) -> Path:
-    """A DICOM series of int16 `array` (z, y, x), one file per slice with its position; slices in
-    `drop` are left out, slices in `repeat` written twice."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for z in range(array.shape[0]):
-        if z in drop:
-            continue
-        for copy in range(2 if z in repeat else 1):
-            image = sitk.GetImageFromArray(array[z].astype(np.int16))
-            image.SetSpacing(spacing[:2])
-            position = np.asarray(origin) + z * spacing[2] * np.asarray(direction)[:, 2]
-            tags = {"0008|0060": "MR", "0020|000d": "1.2.3", "0020|000e": series, "0020|0013": str(z + 1),
-                    "0020|0037": "\\".join(f"{v:.9f}" for v in np.asarray(direction).T[:2].ravel()),
-                    "0020|0032": "\\".join(f"{v:.6f}" for v in position),
-                    "0018|0050": str(spacing[2]), "0028|0030": f"{spacing[1]}\\{spacing[0]}",
-                    "0008|0018": f"{series}.{z}.{copy}"}
-            for tag, value in tags.items():
-                image.SetMetaData(tag, value)
-            writer.SetFileName(str(folder / f"{series[-1]}_{z:03d}_{copy}.dcm"))
-            writer.Execute(image)
-    return folder
-
-
 def test_e_dicom_series_are_checked_for_gaps_duplicates_and_mixed_series(tmp_path):
-    array = np.arange(6 * 4 * 5, dtype=np.int16).reshape(6, 4, 5)
-    good = read_volume(write_dicom(tmp_path / "good", array))
-    assert good.shape == (6, 4, 5) and np.array_equal(good.array, array)
-    assert np.allclose(good.geometry.spacing, (1, 1, 2))
-    one_error(lambda: read_volume(write_dicom(tmp_path / "gap", array, drop=(3,))), ValueError, "gap", "missing")
-    one_error(lambda: read_volume(write_dicom(tmp_path / "dup", array, repeat=(2,))), ValueError, "duplicated")
-    mixed = write_dicom(tmp_path / "mixed", array)
-    write_dicom(mixed, array[:3], series="1.2.826.0.1.3680043.2.1125.2")
-    one_error(lambda: read_volume(mixed), ValueError, "2 DICOM series")
+    import shutil
+
+    volume = Volume(np.arange(6 * 4 * 5, dtype=np.int16).reshape(6, 4, 5), Geometry((1, 1, 2), (0, 0, 0), np.eye(3)))
+    for name in ("good", "gap", "dup", "mixed"):
+        write_dicom_series(tmp_path / name, volume, UID + "1")
+    good = read_volume(tmp_path / "good")
+    assert np.array_equal(good.array, volume.array) and np.allclose(good.geometry.spacing, (1, 1, 2))
+    sorted((tmp_path / "gap").iterdir())[3].unlink()
+    one_error(lambda: read_volume(tmp_path / "gap"), ValueError, "gap", "missing")
+    shutil.copy(sorted((tmp_path / "dup").iterdir())[2], tmp_path / "dup" / "copy.dcm")
+    one_error(lambda: read_volume(tmp_path / "dup"), ValueError, "duplicated")
+    write_dicom_series(tmp_path / "mixed", Volume(volume.array[:5], volume.geometry), UID + "2")
+    one_error(lambda: read_volume(tmp_path / "mixed"), ValueError, "2 DICOM series")
 
 
 def test_e_sheared_nrrd_is_refused_not_made_orthogonal(tmp_path):
@@ -347,9 +328,9 @@ def test_e_generate_accepts_a_dicom_folder(tiny_bundle, brain_phantom, tmp_path)
 
     reference, mask = phantom_case(brain_phantom)
     scan = read_volume(reference)
-    origin, spacing = scan.geometry.origin, scan.geometry.spacing
-    folder = write_dicom(tmp_path / "dicom", np.round(scan.array * 1000 / max(scan.array.max(), 1)),
-                         spacing=tuple(float(s) for s in spacing), origin=origin, direction=scan.geometry.direction)
+    folder = tmp_path / "dicom"
+    write_dicom_series(folder, scan.with_array(np.round(scan.array * 1000 / max(scan.array.max(), 1)).astype(np.int16)),
+                       UID + "3")
     request = GenerateRequest(str(folder), str(mask), str(tmp_path / "out.nii.gz"), start=0.5, steps=1)
     assert request.path_problems() == []
     events = list(Engine(tiny_bundle, "cpu").generate(request))

@@ -28,6 +28,7 @@ NIFTI_DESCRIP_LENGTH = 79
 MAX_VOXELS = 1 << 28  # 1 GiB of float32: far above any scan GEM-3D generates, far below a hostile header
 MAX_DATA_FILES = 4096
 HEADER_BYTES = 1 << 16
+LOCALISER_SLICES = 3  # a DICOM folder's scout images, skipped beside the series
 DEFAULT_COLORS = ((0.5, 0.68, 0.5), (0.85, 0.32, 0.2), (0.98, 0.9, 0.25), (0.3, 0.5, 0.95),
                   (0.9, 0.5, 0.9), (0.3, 0.85, 0.85), (0.95, 0.6, 0.2), (0.6, 0.4, 0.25))
 
@@ -229,20 +230,21 @@ def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader, size: int) -
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    """The one series in `folder`, its slices checked: ITK reads a series with a missing slice
-    with an averaged spacing, and duplicated positions or a second series silently."""
+    """The one series in `folder` (besides localisers of at most LOCALISER_SLICES slices), its
+    slices checked: ITK reads a series with a missing slice with an averaged spacing, and
+    duplicated positions or a second series silently."""
     try:
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError as error:
         raise ValueError(f"cannot read the DICOM folder {folder}: {_itk_message(error)}") from None
     if not series:
         raise ValueError(f"{folder}: no DICOM series found in this folder")
-    if len(series) > 1:
-        counts = ", ".join(f"{len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s))} slices"
-                           for s in series)
-        raise ValueError(f"{folder}: the folder holds {len(series)} DICOM series ({counts}); "
+    found = sorted((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    if len(found) > 1 and len(found[-2]) > LOCALISER_SLICES:
+        counts = ", ".join(f"{len(files)} slices" for files in found)
+        raise ValueError(f"{folder}: the folder holds {len(found)} DICOM series ({counts}); "
                          "put each series in its own folder and give that folder")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    files = found[-1]
     _check_slice_positions(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
