@@ -336,3 +336,45 @@ def test_e_generate_accepts_a_dicom_folder(tiny_bundle, brain_phantom, tmp_path)
     events = list(Engine(tiny_bundle, "cpu").generate(request))
     assert events[-1]["event"] == "finished", events[-1]
     assert read_volume(tmp_path / "out.nii.gz").shape == scan.shape
+
+
+# ------------------------------------------------------------------ F. writes and state: one sentence
+def test_f_edit_mask_on_a_full_disk_leaves_nothing(brain_phantom, tmp_path):
+    import resource
+    import signal
+
+    _, mask = phantom_case(brain_phantom)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    result = subprocess.run([sys.executable, "-m", "gem3d", "edit-mask", "--mask", str(mask), "--out",
+                             str(tmp_path / "e.nii"), "--flip", "LR"], capture_output=True, text=True, env=ENV,
+                            preexec_fn=limit, timeout=120)
+    assert result.returncode == 1 and "File too large" in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # (NIfTI's C library prints its own line first)
+    assert "Traceback" not in result.stderr and last.startswith("Error: cannot write"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_f_too_long_paths_and_symlink_loops_are_one_sentence(brain_phantom, tmp_path):
+    from gem3d.outputs import OutputError, check_outputs
+
+    reference, mask = phantom_case(brain_phantom)
+    one_error(lambda: check_outputs({"--out": tmp_path / ("x" * 300 + ".nii.gz")}), OutputError, "--out",
+              "File name too long")
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(tmp_path / "loop.nii.gz")
+    one_error(lambda: read_volume(loop), ValueError, "loop.nii.gz", "symbolic links")
+    result = cli("generate", "--reference", reference, "--mask", mask, "--out", tmp_path / ("y" * 300 + ".nii.gz"))
+    assert result.exit_code == 1 and "File name too long" in result.output and one_sentence(result.output)
+
+
+def test_f_serve_paths_too_long_or_looping_are_a_400(served):
+    client, root, _ = served
+    (root / "loop.nii.gz").symlink_to(root / "loop.nii.gz")
+    for path in ("loop.nii.gz", "z" * 5000 + ".nii.gz"):
+        answer = client.post("/v1/jobs", json={"reference": path, "mask": "ok.nhdr", "out": "o.nii.gz"})
+        assert answer.status_code == 400 and one_sentence(answer.json()["error"]), answer.text
+        assert str(root) not in answer.json()["error"]
