@@ -235,6 +235,12 @@ def check_edit(spec, where: str) -> dict:
     if not isinstance(spec, dict) or spec.get("op") not in OPS:
         op = spec.get("op") if isinstance(spec, dict) else spec
         raise typed.DocumentError(f"{where}: unknown mask edit {typed.show(op)}; valid ops: {', '.join(OPS)}")
+    required = [name for name, p in inspect.signature(OPS[spec["op"]]).parameters.items()
+                if p.default is inspect.Parameter.empty and name not in ("mask", "source_mask")]
+    required += ["source"] if spec["op"] == "copy_lesion" else []
+    missing = [name for name in required if name not in spec]
+    if missing:
+        raise typed.DocumentError(f"{where}: {spec['op']} needs field(s) {missing}")
     for name, value in spec.items():
         if name != "op" and name in FIELDS[spec["op"]]:
             FIELDS[spec["op"]][name](value, where, name)
