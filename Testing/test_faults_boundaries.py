@@ -378,3 +378,16 @@ def test_f_serve_paths_too_long_or_looping_are_a_400(served):
         answer = client.post("/v1/jobs", json={"reference": path, "mask": "ok.nhdr", "out": "o.nii.gz"})
         assert answer.status_code == 400 and one_sentence(answer.json()["error"]), answer.text
         assert str(root) not in answer.json()["error"]
+
+
+def test_b_harmonize_never_writes_into_another_dataset(tiny_bundle, brain_phantom, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(brain_phantom, other)
+    before = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+    reference, _ = phantom_case(brain_phantom)
+    result = cli("harmonize", "--dataset", brain_phantom, "--informed-from", reference, "--out", other,
+                 "--bundle", tiny_bundle, "--steps", "1", "--device", "cpu")
+    assert result.exit_code == 1 and "did not generate" in result.output, result.output
+    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before

@@ -37,6 +37,10 @@ class Not3DImageError(ValueError):
     """The file holds no 3D volume (2D, 4D without a chosen channel, vector pixels...)."""
 
 
+class TooLargeError(ValueError):
+    """A header declares more voxels than gem3d reads (found before any allocation)."""
+
+
 def extension(path) -> str:
     """The lower-case format extension of `path` (".nii.gz", ".seg.nrrd" counts as ".nrrd")."""
     name = Path(path).name.lower()
@@ -88,7 +92,7 @@ def check_declared_size(reader: sitk.ImageFileReader, path) -> int:
     voxels = int(np.prod([int(n) for n in reader.GetSize()], dtype=object)) * reader.GetNumberOfComponents()
     if voxels > MAX_VOXELS:
         shape = " x ".join(str(n) for n in reader.GetSize())
-        raise ValueError(f"{path}: the header declares {shape} voxels ({voxels} values), more than gem3d reads "
+        raise TooLargeError(f"{path}: the header declares {shape} voxels ({voxels} values), more than gem3d reads "
                          f"({MAX_VOXELS}); the header is damaged or the volume is not a scan")
     return voxels
 

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from gem3d.io import declared_voxels, extension, nifti_nonfinite_count, read_volume
+from gem3d.io import TooLargeError, declared_voxels, extension, nifti_nonfinite_count, read_volume
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.preflight")
@@ -34,8 +34,10 @@ def _expected_bytes(reference: str) -> int:
         return 0  # a DICOM folder: reading it checks it
     try:
         return declared_voxels(reference) * 6 + (1 << 20)
-    except FileNotFoundError:
-        return 0  # the request's path check says so
+    except TooLargeError:
+        raise
+    except (OSError, ValueError):
+        return 0  # missing or unreadable: the path check or reading it says why
 
 
 def _datasets_of(inputs) -> list:

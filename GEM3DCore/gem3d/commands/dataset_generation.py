@@ -31,7 +31,7 @@ def _run(plan, dataset, out, bundle, device, kind, overwrite):
         device = f"cuda:{local_rank}"
     out = Path(out)
     try:
-        check_output_folder(Path(dataset), out)
+        check_output_folder(Path(dataset), out, overwrite)
         source = open_dataset(dataset)
         jobs = plan(source, out)
         engine = Engine(bundle or DEMO_BUNDLE, device)
