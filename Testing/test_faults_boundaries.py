@@ -391,3 +391,11 @@ def test_b_harmonize_never_writes_into_another_dataset(tiny_bundle, brain_phanto
                  "--bundle", tiny_bundle, "--steps", "1", "--device", "cpu")
     assert result.exit_code == 1 and "did not generate" in result.output, result.output
     assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == before
+
+
+def test_a_a_file_that_is_not_a_mask_is_not_echoed_back():
+    from gem3d.labels import BRATS, UnknownLabelError
+
+    secret = np.frombuffer(b"the secret bytes of some file", np.uint8).reshape(1, 1, -1)
+    text = one_error(lambda: BRATS.validate(secret, "m.nii.gz"), UnknownLabelError, "m.nii.gz", "more")
+    assert text.startswith("m.nii.gz: label value(s) [32, 98, 99, 101, 102] and 9 more are not"), text

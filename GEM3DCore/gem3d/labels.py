@@ -16,6 +16,7 @@ import numpy as np
 from gem3d import typed
 
 MAX_LABEL = 32767  # masks are int16 on the model grid
+SHOWN_VALUES = 5
 
 
 class UnknownLabelError(ValueError):
@@ -82,8 +83,10 @@ class LabelMap:
         """The sorted values present in `array`; UnknownLabelError naming `where` if any is unknown."""
         present, allowed = present_values(array), self.allowed()
         unknown = [v for v in present if v not in allowed]
-        if unknown:
-            raise UnknownLabelError(f"{where}: label value(s) {unknown} are not in the label map ({self})")
+        if unknown:  # a few values, not all: a file that is not a mask must not be echoed back
+            shown = str(unknown[:SHOWN_VALUES]) + (
+                f" and {len(unknown) - SHOWN_VALUES} more" if len(unknown) > SHOWN_VALUES else "")
+            raise UnknownLabelError(f"{where}: label value(s) {shown} are not in the label map ({self})")
         return present
 
     def match(self, name: str) -> Optional[int]:
