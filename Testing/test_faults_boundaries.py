@@ -62,10 +62,11 @@ def test_a_detached_data_file_is_an_input_for_the_overwrite_rules(tmp_path):
     assert any("would overwrite an input" in p and "ref_data.nii" in p for p in problems), problems
 
 
-def test_a_fifo_named_like_a_volume_is_refused_not_a_hang(tmp_path):
-    fifo = tmp_path / "x.nii.gz"
+@pytest.mark.parametrize("name, reader", [("x.nii.gz", "read_volume"), ("x.seg.nrrd", "read_segmentation")])
+def test_a_fifo_named_like_a_volume_is_refused_not_a_hang(tmp_path, name, reader):
+    fifo = tmp_path / name
     os.mkfifo(fifo)
-    code = f"from gem3d.io import read_volume\ntry:\n read_volume({str(fifo)!r})\nexcept ValueError as e:\n print(e)"
+    code = f"from gem3d.io import {reader}\ntry:\n {reader}({str(fifo)!r})\nexcept ValueError as e:\n print(e)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert "not a regular file" in done.stdout and one_sentence(done.stdout), done.stdout + done.stderr
 

@@ -398,7 +398,7 @@ def read_segmentation(path) -> Tuple[Volume, List[dict]]:
     """
     import slicerio
 
-    path = Path(path)
+    path = regular_file(path, "segmentation file")
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as error:  # slicerio/pynrrd raise IOError, NRRDError, ValueError...
