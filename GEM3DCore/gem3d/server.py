@@ -240,7 +240,8 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
         try:
             data = typed.loads(await request.body(), "the request body")
         except typed.DocumentError as err:
-            raise HTTPError(400, f"{err}; send the generate request as a JSON object")
+            text = str(err).replace("the request body: not valid JSON", "the request body is not JSON")
+            raise HTTPError(400, f"{text}; send the generate request as a JSON object")
         client = server.client_key(request)
         try:
             store.check_limits(client)
