@@ -18,7 +18,7 @@ from gem3d.request import GenerateRequest, InformedSpec, RequestError
 from gem3d.volume import Geometry
 
 CONTRACT = ("gem3d.request", "gem3d.bundle_format", "gem3d.labels", "gem3d.grid", "gem3d.volume",
-            "gem3d.sampler_settings", "gem3d.config")
+            "gem3d.sampler_settings", "gem3d.config", "gem3d.typed", "gem3d.protocol", "gem3d.mask_edits")
 
 BLOCKED_RUN = r"""
 import sys

@@ -212,7 +212,7 @@ def test_cli_edit_mask_writes_sidecar_replays_and_protects_input(tmp_path):
     assert CliRunner().invoke(main, args + ["--overwrite"]).exit_code == 0
     refused = CliRunner().invoke(main, ["edit-mask", "--mask", str(source), "--out", str(source),
                                         "--flip", "LR"])
-    assert refused.exit_code != 0 and "overwrite the input" in refused.output
+    assert refused.exit_code != 0 and "would overwrite an input" in refused.output
     bad = CliRunner().invoke(main, ["edit-mask", "--mask", str(source), "--out", str(out),
                                     "--relabel", "1-4"])
     assert bad.exit_code == 2 and "A:B" in bad.output

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Tuple, Union
 
 from gem3d import config as config_lib
+from gem3d import typed
 from gem3d.config import Config
 from gem3d.labels import LabelMap
 from gem3d.sampler_settings import resolve_sampler
@@ -76,9 +77,9 @@ def read_info(path: Union[str, Path]) -> dict:
     if not file.is_file():
         raise BundleError(f"{path}: not a model bundle (no bundle.json)")
     try:
-        info = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{file}: not valid JSON ({err})") from None
+        info = typed.load_json(file, "bundle.json")
+    except typed.DocumentError as err:
+        raise BundleError(str(err)) from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise BundleError(f"{file}: format is {info.get('format') if isinstance(info, dict) else None!r}, "
                           f"expected {FORMAT!r}")
@@ -94,13 +95,16 @@ def read_info(path: Union[str, Path]) -> dict:
         derived = describe_config(config_lib.from_dict(info["config"]))
     except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise BundleError(f"{file}: invalid configuration: {err}") from None
-    stale = [k for k, v in derived.items() if json.loads(json.dumps(v)) != info.get(k)]
+    stale = [k for k, v in derived.items() if typed.loads(json.dumps(v), "summary") != info.get(k)]
     if stale:
         raise BundleError(f"{file}: {stale} disagree with the 'config' section; edit the config, not the summary")
-    unknown = sorted(set(info["weights"]) - set(PARTS)) if isinstance(info["weights"], dict) else None
-    if unknown is None or unknown or not {"vae", "unet"} <= set(info["weights"]):
+    weights = info["weights"]
+    unknown = sorted(set(weights) - set(PARTS)) if isinstance(weights, dict) else None
+    if unknown is None or unknown or not {"vae", "unet"} <= set(weights) or \
+            not all(typed.matches(name, str) and "/" not in name and name not in (".", "..")
+                    for name in weights.values()):
         raise BundleError(f"{file}: 'weights' must name the files of 'vae' and 'unet' (optional "
-                          f"'slice_model'), got {info['weights']!r}")
+                          f"'slice_model') in the bundle folder, got {typed.show(weights)}")
     return info
 
 

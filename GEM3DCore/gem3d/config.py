@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Tuple, Union, get_type_hints
+
+from gem3d import typed
 
 
 class _Fields:
@@ -221,24 +224,47 @@ def to_dict(cfg: Config) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+# Ranges beyond the general rule (numbers finite and within +-MAX_NUMBER, integers >= 0): a
+# batch of 0 divides by zero, a beta of NaN or a latent scale of 1e308 generates NaN volumes.
+MAX_NUMBER = 1e9
+RANGES = {"diffusion.beta_start": (1e-8, 1.0), "diffusion.beta_end": (1e-8, 1.0), "vae.scale": (1e-6, 1e3),
+          "train.batch_size": (1, 1 << 16), "diffusion.num_train_timesteps": (1, 1 << 16),
+          "diffusion.sampling_steps": (1, 1 << 16), "data.slice_size": (1, 1 << 16), "window_length": (1, 1 << 16),
+          "vae.latent_channels": (1, 1 << 16), "unet.model_channels": (1, 1 << 16)}
+
+
 def _convert(hint, value, key: str):
     if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
-            return float(value)  # PyYAML reads "5e-6" (no dot) as a string
+            value = float(value)  # PyYAML reads "5e-6" (no dot) as a string
         except ValueError:
             pass
     if hint in (int, float, bool, str):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ValueError(f"config {key}: expected {hint.__name__}, got {value!r}")
+        if hint in (int, float):
+            low, high = RANGES.get(key, (0 if hint is int else -MAX_NUMBER, MAX_NUMBER))
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"config {key}: must be a finite number in [{low:g}, {high:g}], got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".")
     origin = getattr(hint, "__origin__", None)
     if origin is tuple:
-        return tuple(value)
+        args = hint.__args__
+        types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)) \
+            else list(args)
+        if not isinstance(value, (list, tuple)) or len(types) != len(value):
+            raise ValueError(f"config {key}: expected a list of {len(types)} values, got {value!r}")
+        return tuple(_convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(types, value)))
     if origin is dict:
-        key_type = hint.__args__[0]
-        return {key_type(k): v for k, v in value.items()}  # JSON object keys are strings
+        if not isinstance(value, dict):
+            raise ValueError(f"config {key}: expected a mapping, got {value!r}")
+        key_type, value_type = hint.__args__
+        try:  # JSON object keys are strings
+            return {key_type(k): _convert(value_type, v, f"{key}.{k}") for k, v in value.items()}
+        except (TypeError, ValueError) as err:
+            raise ValueError(str(err) if str(err).startswith("config ") else f"config {key}: {err}") from None
     return value
 
 
@@ -294,10 +320,7 @@ def load_config(path_or_preset: Union[str, Path]) -> Config:
     path = Path(path_or_preset)
     if not path.is_file():
         raise ValueError(f"{path}: not a config file nor a preset ({sorted(PRESETS)})")
-    import yaml  # not needed to read bundles (the editor reads them without PyYAML)
-
-    text = path.read_text()
-    data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    data: Any = typed.load_yaml(path, "config file")
     try:
         return from_dict(data or {})
     except (TypeError, ValueError) as err:

@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
+from gem3d import typed
 from gem3d.datasets import Dataset
 from gem3d.io import read_description, read_volume
 from gem3d.outputs import OutputError, write_text_atomically
@@ -42,8 +43,9 @@ def _request(case, out_dir: Path, out_id: str, informed: InformedSpec, seed: int
                            informed=informed, seed=seed, **options)
 
 
-def check_output_folder(source: Path, out_dir: Path) -> None:
-    """The output dataset must be separate from the source dataset, in both directions."""
+def check_output_folder(source: Path, out_dir: Path, overwrite: bool = False) -> None:
+    """The output dataset must be separate from the source dataset, in both directions, and not
+    another dataset: only a synthetic dataset of gem3d's is resumed (or replaced with --overwrite)."""
     source, out = Path(source).resolve(), Path(out_dir).resolve()
     if out == source or source in out.parents:
         raise OutputError(f"--out {out_dir} is inside the source dataset {source}, which is never written to; "
@@ -51,6 +53,15 @@ def check_output_folder(source: Path, out_dir: Path) -> None:
     if out in source.parents:
         raise OutputError(f"the source dataset {source} is inside --out {out_dir}; choose an output folder "
                           "that does not contain the source")
+    meta = out / "dataset.json"
+    if meta.exists() and not overwrite:
+        try:
+            synthetic = typed.obj(typed.load_json(meta), str(meta)).get("synthetic") is True
+        except ValueError:
+            synthetic = False
+        if not synthetic:
+            raise OutputError(f"--out {out_dir} holds a dataset that gem3d did not generate ({meta}); choose an "
+                              "empty output folder, or allow replacing its files (--overwrite)")
 
 
 def _labelled(dataset: Dataset):
@@ -102,7 +113,7 @@ def is_complete(out_dir: Path, job: Job) -> bool:
     with some of them)."""
     image, mask, record = outputs_of(out_dir, job)
     try:
-        if not json.loads(record.read_text()).get("synthetic"):
+        if not typed.obj(typed.load_json(record), str(record)).get("synthetic"):
             return False
         read_volume(image)
         read_volume(mask)
@@ -130,7 +141,7 @@ def _own_leftovers(job: Job) -> bool:
             return False
     sidecar = provenance_path(job.request.out)
     try:
-        return not sidecar.exists() or bool(json.loads(sidecar.read_text()).get("synthetic"))
+        return not sidecar.exists() or bool(typed.obj(typed.load_json(sidecar), str(sidecar)).get("synthetic"))
     except (OSError, ValueError):
         return False
 

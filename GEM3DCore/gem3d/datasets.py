@@ -17,7 +17,6 @@ Labelled layouts where no case has a mask (BraTS validation sets) give cases wit
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from . import typed
 from .io import Not3DImageError, extension, nifti_nonfinite_count, read_volume
 from .labels import ABDOMEN_CT1K, BRATS, BRATS2023, MSD_BRAIN, LabelMap, UnknownLabelError, present_values
 from .volume import Volume
@@ -92,15 +92,25 @@ def _read_json_dataset(root: Path) -> Optional[Dataset]:
     if not meta_path.exists():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as error:
-        raise DatasetFormatError(f"{meta_path}: cannot read it as JSON ({error})") from None
-    channels = meta.get("channel_names") or meta.get("modality") or {}
-    channel = _flair_channel(channels)
-    ending = meta.get("file_ending", ".nii.gz")
+        meta = typed.obj(typed.load_json(meta_path, "dataset.json"), str(meta_path))
+        channels = typed.obj(meta.get("channel_names") or meta.get("modality") or {}, str(meta_path),
+                             "channel_names")
+        ending = typed.string(meta.get("file_ending", ".nii.gz"), str(meta_path), "file_ending")
+        for key in ("training", "test"):
+            entries = typed.array(meta.get(key, []), str(meta_path), key)
+            for i, entry in enumerate(entries):
+                if key == "training":
+                    entry = typed.obj(entry, str(meta_path), f"training[{i}]")
+                    typed.string(entry.get("image"), str(meta_path), f"training[{i}].image")
+                    typed.string(entry.get("label"), str(meta_path), f"training[{i}].label")
+                else:
+                    typed.string(entry, str(meta_path), f"test[{i}]")
+        labels = LabelMap.from_dataset_json(meta["labels"]) if meta.get("labels") else None
+        channel = _flair_channel(channels)
+    except ValueError as error:
+        raise DatasetFormatError(str(error).replace("dataset.json: ", f"{meta_path}: ", 1)) from None
     image_re = re.compile(rf"^(.+)_(\d{{4}}){re.escape(ending)}$")
     images_tr = {m.group(1) for p in _visible_files(root / "imagesTr") for m in [image_re.match(p.name)] if m}
-    labels = LabelMap.from_dataset_json(meta["labels"]) if meta.get("labels") else None
     if images_tr or not isinstance(meta.get("training"), list):
         labels_tr = {p.name[:-len(ending)] for p in _visible_files(root / "labelsTr") if p.name.endswith(ending)}
         images_ts = {m.group(1) for p in _visible_files(root / "imagesTs") for m in [image_re.match(p.name)] if m}

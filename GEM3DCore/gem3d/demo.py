@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from gem3d import phantom
+from gem3d import phantom, typed
 from gem3d.bundle_format import DEMO_BUNDLE
 from gem3d.engine import Engine, write_outputs
 from gem3d.io import read_volume, write_volume
@@ -61,7 +61,7 @@ def run_demo(out: Path, bundle: Optional[str] = None, device: str = "auto", seed
     generated, timings = run.result, run.result.timings
     outputs = write_outputs(generated, request, timings, t0)
     edited, out_volume = generated.mask, generated.image
-    truth = json.loads((data / "groundtruth" / "brain_000.json").read_text())
+    truth = typed.load_json(data / "groundtruth" / "brain_000.json")
     true_cf = Volume(phantom.render_case(truth, edited.array.astype(np.int16)), ref.geometry)
     write_volume(true_cf, out / "counterfactual_truth.nii.gz", description="SYNTHETIC phantom ground truth",
                  overwrite=True)

@@ -26,7 +26,7 @@ from gem3d import conventions as conventions_lib
 from gem3d.bundle import Bundle, load_bundle
 from gem3d.events import Event
 from gem3d.io import provenance_path, write_volume
-from gem3d.outputs import write_text_atomically
+from gem3d.outputs import Landing, write_text_atomically
 from gem3d.pipeline import SYNTHETIC_DESCRIPTION, SYNTHETIC_MASK, Generated, Pipeline, Switches
 from gem3d.preflight import output_limits, read_input
 from gem3d.queues import take
@@ -144,17 +144,19 @@ def write_outputs(generated: Generated, request: GenerateRequest, timings: dict,
     record = generated.record
     metadata = {"gem3d_synthetic": "true", "gem3d_bundle": record["bundle"]["name"],
                 "gem3d_seed": str(record["seed"])}
-    image_path = write_volume(generated.image, request.out, description=SYNTHETIC_DESCRIPTION,
-                              metadata=metadata, overwrite=request.overwrite)
-    outputs = {"image": str(image_path)}
-    if request.mask_out:
-        outputs["mask"] = str(write_volume(generated.mask, request.mask_out, description=SYNTHETIC_MASK,
-                                           metadata={"gem3d_synthetic": "true"}, overwrite=request.overwrite))
-    timings["write"] = time.perf_counter() - t3
-    timings["total"] = time.perf_counter() - t0
-    path = provenance_path(image_path)
-    write_text_atomically(path, json.dumps(dict(record, outputs=outputs, timings=timings), indent=2,
-                                           default=str) + "\n")
+    with Landing() as landed:
+        image_path = landed.add(write_volume(generated.image, request.out, description=SYNTHETIC_DESCRIPTION,
+                                             metadata=metadata, overwrite=request.overwrite))
+        outputs = {"image": str(image_path)}
+        if request.mask_out:
+            outputs["mask"] = str(landed.add(write_volume(
+                generated.mask, request.mask_out, description=SYNTHETIC_MASK,
+                metadata={"gem3d_synthetic": "true"}, overwrite=request.overwrite)))
+        timings["write"] = time.perf_counter() - t3
+        timings["total"] = time.perf_counter() - t0
+        path = provenance_path(image_path)
+        write_text_atomically(path, json.dumps(dict(record, outputs=outputs, timings=timings), indent=2,
+                                               default=str) + "\n")
     outputs["provenance"] = str(path)
     return outputs
 

@@ -16,6 +16,8 @@ from typing import BinaryIO, Dict, List, Optional, Protocol, Tuple, TypedDict
 
 import numpy as np
 
+from gem3d import typed
+
 MEDIA_TYPE = "application/vnd.gem3d.events"
 MAX_HEADER = 1 << 20  # a header line longer than this is a broken stream
 
@@ -125,7 +127,7 @@ def encode_event(event: dict) -> bytes:
 def parse_header(line: bytes) -> dict:
     """An event from its header line (its slab, if any, still to be read with `read_slab`)."""
     try:
-        event = json.loads(line)
+        event = typed.loads(line, "the event stream")
     except ValueError:
         raise StreamError("the event stream holds a line that is not JSON") from None
     if not isinstance(event, dict) or not isinstance(event.get("event"), str):

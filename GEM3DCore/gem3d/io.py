@@ -19,17 +19,26 @@ import numpy as np
 import SimpleITK as sitk
 
 from .outputs import write_atomically
+from .typed import DocumentError, regular_file
 from .volume import Geometry, Volume
 
 WRITE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 DESCRIPTION_KEY = "description"  # NRRD/MHA header key; NIfTI uses its 80-byte `descrip` field
 NIFTI_DESCRIP_LENGTH = 79
+MAX_VOXELS = 1 << 28  # 1 GiB of float32: far above any scan GEM-3D generates, far below a hostile header
+MAX_DATA_FILES = 4096
+HEADER_BYTES = 1 << 16
+LOCALISER_SLICES = 3  # a DICOM folder's scout images, skipped beside the series
 DEFAULT_COLORS = ((0.5, 0.68, 0.5), (0.85, 0.32, 0.2), (0.98, 0.9, 0.25), (0.3, 0.5, 0.95),
                   (0.9, 0.5, 0.9), (0.3, 0.85, 0.85), (0.95, 0.6, 0.2), (0.6, 0.4, 0.25))
 
 
 class Not3DImageError(ValueError):
     """The file holds no 3D volume (2D, 4D without a chosen channel, vector pixels...)."""
+
+
+class TooLargeError(ValueError):
+    """A header declares more voxels than gem3d reads (found before any allocation)."""
 
 
 def extension(path) -> str:
@@ -58,19 +67,137 @@ def read_volume(path, channel: Optional[int] = None) -> Volume:
 
 
 def _read_file(path: Path) -> sitk.Image:
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"{path}: no such file")
+    for file in input_files(path):
+        regular_file(file, "image file" if file == path else f"data file of {path.name}")
+    check_not_sheared(path)
     size = _gzip_size(path) if extension(path) == ".nii.gz" else None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
+        check_declared_size(reader, path)
         image = reader.Execute()
     except RuntimeError as error:
         raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
     if extension(path).startswith(".nii"):
         _check_nifti_complete(path, reader, path.stat().st_size if size is None else size)
     return image
+
+
+def check_declared_size(reader: sitk.ImageFileReader, path) -> int:
+    """The voxel count a header declares (after `ReadImageInformation`), refused above
+    MAX_VOXELS before anything is allocated."""
+    voxels = int(np.prod([int(n) for n in reader.GetSize()], dtype=object)) * reader.GetNumberOfComponents()
+    if voxels > MAX_VOXELS:
+        shape = " x ".join(str(n) for n in reader.GetSize())
+        raise TooLargeError(f"{path}: the header declares {shape} voxels ({voxels} values), more than gem3d reads "
+                         f"({MAX_VOXELS}); the header is damaged or the volume is not a scan")
+    return voxels
+
+
+def declared_voxels(path) -> int:
+    """The voxel count of an image file from its header alone (refused above MAX_VOXELS)."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(regular_file(path, "image file")))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
+    return check_declared_size(reader, path)
+
+
+def input_files(path) -> List[Path]:
+    """Every file reading `path` opens: the file itself and the detached voxel files its header
+    names (.mhd/.mha `ElementDataFile`, .nhdr/.nrrd `data file`), so that confinement, overwrite
+    and locking rules cover them too. A folder (DICOM series) is itself."""
+    path = Path(path)
+    return [path] if path.is_dir() else [path, *data_files(path)]
+
+
+def data_files(path) -> List[Path]:
+    """The detached data files named by the header of `path` (absolute, or relative to its
+    folder), [] for formats without detached data; a header that cannot be read names none."""
+    path = Path(path)
+    lines = _header_lines(path)
+    names = _nrrd_data_files(lines) if extension(path) in (".nrrd", ".nhdr") else _meta_data_files(lines)
+    if len(names) > MAX_DATA_FILES:
+        raise ValueError(f"{path}: the header names {len(names)} data files, more than {MAX_DATA_FILES}")
+    return [path.parent / name for name in names]
+
+
+def _header_lines(path: Path) -> List[str]:
+    """The text header of a NRRD or MetaImage file ([] for other formats or an unreadable file)."""
+    if extension(path) not in (".nrrd", ".nhdr", ".mha", ".mhd"):
+        return []
+    try:
+        with open(regular_file(path), "rb") as f:
+            return f.read(HEADER_BYTES).decode("latin-1").split("\n")
+    except (OSError, DocumentError):
+        return []
+
+
+def check_not_sheared(path) -> None:
+    """Refuse axes that are not perpendicular (NRRD `space directions`, MetaImage
+    `TransformMatrix`): ITK would silently make them orthogonal, moving every voxel."""
+    path = Path(path)
+    axes = None
+    for line in _header_lines(path):
+        key, sep, value = line.partition(":" if extension(path) in (".nrrd", ".nhdr") else "=")
+        key = key.strip().lower()
+        if not line.strip() and extension(path) in (".nrrd", ".nhdr"):
+            break
+        numbers = [float(n) for n in re.findall(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", value)]
+        if sep and key in ("space directions", "transformmatrix") and len(numbers) == 9:
+            axes = np.reshape(numbers, (3, 3))
+    if axes is None:
+        return
+    norms = np.linalg.norm(axes, axis=1)
+    if np.any(norms == 0) or not np.all(np.isfinite(axes)):
+        raise ValueError(f"{path}: the header's axis directions are zero or not finite; the file is damaged")
+    unit = axes / norms[:, None]
+    cosines = np.abs(unit @ unit.T - np.eye(3))
+    if cosines.max() > 1e-4:
+        angle = float(np.degrees(np.arcsin(min(1.0, cosines.max()))))
+        raise ValueError(f"{path}: the volume's axes are sheared ({angle:.2g} degrees off perpendicular); "
+                         "gem3d keeps geometry exactly, so resample it onto a perpendicular grid first")
+
+
+def _nrrd_data_files(lines: List[str]) -> List[str]:
+    for i, line in enumerate(lines[1:], 1):
+        if not line.strip():
+            return []
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("data file", "datafile"):
+            return _listed(value.strip(), lines[i + 1:])
+    return []
+
+
+def _meta_data_files(lines: List[str]) -> List[str]:
+    for i, line in enumerate(lines):
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "ElementDataFile":
+            value = value.strip()
+            return [] if value.upper() == "LOCAL" else _listed(value, lines[i + 1:])
+    return []
+
+
+def _listed(value: str, rest: List[str]) -> List[str]:
+    """One data file, a LIST (one name per following line) or a printf pattern `fmt min max step`."""
+    words = value.split()
+    if words and words[0].upper() == "LIST":
+        return [line.strip() for line in rest if line.strip()]
+    if len(words) >= 4 and "%" in words[0]:
+        try:
+            low, high, step = (int(w) for w in words[1:4])
+            indices = range(low, high + (1 if step > 0 else -1), step) if step else range(0)
+            if len(indices) > MAX_DATA_FILES:
+                return [words[0]] * len(indices)
+            return [words[0] % i for i in indices]
+        except (ValueError, TypeError):
+            return [value]
+    return [value]
 
 
 def _itk_message(error: RuntimeError) -> str:
@@ -107,17 +234,56 @@ def _check_nifti_complete(path: Path, reader: sitk.ImageFileReader, size: int) -
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    """The series with the most files in `folder` (a folder often holds a localiser too)."""
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    """The one series in `folder` (besides localisers of at most LOCALISER_SLICES slices), its
+    slices checked: ITK reads a series with a missing slice with an averaged spacing, and
+    duplicated positions or a second series silently."""
+    try:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as error:
+        raise ValueError(f"cannot read the DICOM folder {folder}: {_itk_message(error)}") from None
     if not series:
         raise ValueError(f"{folder}: no DICOM series found in this folder")
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    found = sorted((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    if len(found) > 1 and len(found[-2]) > LOCALISER_SLICES:
+        counts = ", ".join(f"{len(files)} slices" for files in found)
+        raise ValueError(f"{folder}: the folder holds {len(found)} DICOM series ({counts}); "
+                         "put each series in its own folder and give that folder")
+    files = found[-1]
+    _check_slice_positions(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         return reader.Execute()
     except RuntimeError as error:
         raise ValueError(f"cannot read the DICOM series in {folder}: {_itk_message(error)}") from None
+
+
+def _check_slice_positions(folder: Path, files) -> None:
+    """Slices evenly spaced along the slice normal: no duplicated position, no missing slice."""
+    positions, normal = [], None
+    for file in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(file)
+        try:
+            reader.ReadImageInformation()
+            if normal is None:
+                row_col = np.array(reader.GetMetaData("0020|0037").split("\\"), float)
+                normal = np.cross(row_col[:3], row_col[3:])
+            positions.append(float(np.dot(np.array(reader.GetMetaData("0020|0032").split("\\"), float), normal)))
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{folder}: slice {Path(file).name} has no readable position/orientation; "
+                             "give a complete DICOM series") from None
+    if len(positions) < 2:
+        return
+    steps = np.diff(np.sort(positions))
+    spacing = float(np.median(steps))
+    if np.any(steps < 1e-3 * max(spacing, 1e-6)):
+        raise ValueError(f"{folder}: two slices of the DICOM series share a position (duplicated slice); "
+                         "remove the duplicate")
+    if np.any(steps > 1.5 * spacing):
+        missing = int(round(float(np.sum(steps / spacing - 1))))
+        raise ValueError(f"{folder}: the DICOM series has a gap of about {missing} missing slice(s) "
+                         f"(spacing {spacing:g} mm elsewhere); give the complete series")
 
 
 def _select_channel(image: sitk.Image, channel: Optional[int], path: Path) -> Volume:
@@ -232,7 +398,7 @@ def read_segmentation(path) -> Tuple[Volume, List[dict]]:
     """
     import slicerio
 
-    path = Path(path)
+    path = regular_file(path, "segmentation file")
     try:
         segmentation = slicerio.read_segmentation(str(path))
     except Exception as error:  # slicerio/pynrrd raise IOError, NRRDError, ValueError...

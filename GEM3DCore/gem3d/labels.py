@@ -13,6 +13,11 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from gem3d import typed
+
+MAX_LABEL = 32767  # masks are int16 on the model grid
+SHOWN_VALUES = 5
+
 
 class UnknownLabelError(ValueError):
     """A mask holds values, or a user asked for names, that the label map does not know."""
@@ -78,8 +83,10 @@ class LabelMap:
         """The sorted values present in `array`; UnknownLabelError naming `where` if any is unknown."""
         present, allowed = present_values(array), self.allowed()
         unknown = [v for v in present if v not in allowed]
-        if unknown:
-            raise UnknownLabelError(f"{where}: label value(s) {unknown} are not in the label map ({self})")
+        if unknown:  # a few values, not all: a file that is not a mask must not be echoed back
+            shown = str(unknown[:SHOWN_VALUES]) + (
+                f" and {len(unknown) - SHOWN_VALUES} more" if len(unknown) > SHOWN_VALUES else "")
+            raise UnknownLabelError(f"{where}: label value(s) {shown} are not in the label map ({self})")
         return present
 
     def match(self, name: str) -> Optional[int]:
@@ -118,13 +125,14 @@ class LabelMap:
         """
         names: Dict[int, str] = {}
         regions = []
-        for key, value in labels.items():
+        for key, value in typed.obj(labels, "dataset.json", "labels").items():
+            where = f"labels.{key}"
             if isinstance(value, str):
-                names[int(key)] = value
+                names[_label_value(key, where)] = value
             elif isinstance(value, (list, tuple)):
-                regions.append((len(value), key, [int(v) for v in value]))
+                regions.append((len(value), key, [_label_value(v, where) for v in value]))
             else:
-                names[int(value)] = key
+                names[_label_value(value, where)] = key
         for _, region, values in sorted(regions):
             for value in values:
                 names.setdefault(value, region)
@@ -134,6 +142,28 @@ class LabelMap:
     def __str__(self) -> str:
         text = ", ".join(f"{v} {n}" for v, n in self.names.items())
         return text + (f", {self.outside} outside" if self.outside is not None else "")
+
+
+def label_array(array, where: str) -> np.ndarray:
+    """Mask voxels as the int16 labels masks are on the model grid: non-integer values and values
+    int16 cannot hold are refused, never rounded or wrapped (65540 would become 4)."""
+    array = np.asarray(array)
+    if array.dtype == np.int16 or not array.size:
+        return array.astype(np.int16)
+    if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        raise ValueError(f"{where}: the mask holds non-integer values (or NaN); give a label volume")
+    low, high = array.min(), array.max()
+    if low < -MAX_LABEL - 1 or high > MAX_LABEL:
+        raise ValueError(f"{where}: the mask holds label values from {low:g} to {high:g}, outside the "
+                         f"{-MAX_LABEL - 1}..{MAX_LABEL} a mask can hold; give a label volume with small labels")
+    return array.astype(np.int16)
+
+
+def _label_value(value, where: str) -> int:
+    """A label value of a document: an integer (or its string) that fits the int16 masks."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d{1,6}", value.strip()):
+        value = int(value)
+    return typed.number(value, "dataset.json", where, 0, MAX_LABEL, integer=True)
 
 
 def present_values(array) -> List[int]:

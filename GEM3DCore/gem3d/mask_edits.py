@@ -21,6 +21,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from gem3d import typed
+from gem3d.labels import MAX_LABEL
 from gem3d.volume import Volume
 
 ARRAY_AXES = {"x": 2, "y": 1, "z": 0}          # numpy axis of each index axis (arrays are z, y, x)
@@ -199,12 +201,63 @@ OPS = {"flip": flip, "rotate": rotate, "translate": translate, "scale": scale,
        "move_toward_center": move_toward_center, "relabel": relabel, "copy_lesion": copy_lesion}
 
 
-def _resolve(spec: dict, rng: np.random.Generator) -> dict:
-    """The spec with every open value drawn from `rng`, as plain JSON types."""
+MAX_MM = 1e6
+LABEL_LIST = {"labels": lambda v, w, n: [typed.number(x, w, f"{n}[{i}]", 1, MAX_LABEL, integer=True)
+                                         for i, x in enumerate(typed.array(v, w, n))]}
+CENTER = {"center": lambda v, w, n: v if v is None else typed.numbers(v, w, n, 3, low=-MAX_MM, high=MAX_MM)}
+FIELDS = {  # the type and range of each field of each op (the typed layer's rules for edits)
+    "flip": {"axis": lambda v, w, n: typed.choice(v, w, n, ("x", "y", "z", "LR", "AP", "SI")), **LABEL_LIST},
+    "rotate": {"degrees": lambda v, w, n: typed.numbers(v, w, n, 3, low=-360, high=360),
+               "max_degrees": lambda v, w, n: typed.number(v, w, n, 0, 180) if not isinstance(v, list)
+               else typed.numbers(v, w, n, 3, low=0, high=180), **CENTER, **LABEL_LIST},
+    "translate": {"mm": lambda v, w, n: typed.numbers(v, w, n, 3, low=-MAX_MM, high=MAX_MM), **LABEL_LIST},
+    "scale": {"factor": lambda v, w, n: typed.number(v, w, n, 1e-3, 1e3), **CENTER, **LABEL_LIST},
+    "move_toward_center": {"max_px": lambda v, w, n: typed.number(v, w, n, 0, 1e5),
+                           "fraction": lambda v, w, n: v if v is None else typed.number(v, w, n, 0, 1),
+                           **LABEL_LIST},
+    "relabel": {"mapping": lambda v, w, n: _mapping(v, w, n)},
+    "copy_lesion": {"source": typed.string,
+                    "offset_mm": lambda v, w, n: typed.numbers(v, w, n, 3, low=-MAX_MM, high=MAX_MM), **LABEL_LIST},
+}
+
+
+def _mapping(value, where: str, name: str) -> dict:
+    for key, new in typed.obj(value, where, name).items():
+        old = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
+        typed.number(old, where, f"{name} key {key}", 0, MAX_LABEL, integer=True)
+        typed.number(new, where, f"{name}.{key}", 0, MAX_LABEL, integer=True)
+    return value
+
+
+def check_edit(spec, where: str) -> dict:
+    """An edit spec's op, field names, types, finiteness and ranges (DocumentError naming `where`
+    and the field), before any of it is used."""
     if not isinstance(spec, dict) or spec.get("op") not in OPS:
         op = spec.get("op") if isinstance(spec, dict) else spec
-        raise ValueError(f"unknown mask edit {op!r}; valid ops: {', '.join(OPS)}")
-    spec = dict(spec)
+        raise typed.DocumentError(f"{where}: unknown mask edit {typed.show(op)}; valid ops: {', '.join(OPS)}")
+    required = [name for name, p in inspect.signature(OPS[spec["op"]]).parameters.items()
+                if p.default is inspect.Parameter.empty and name not in ("mask", "source_mask")]
+    required += ["source"] if spec["op"] == "copy_lesion" else []
+    missing = [name for name in required if name not in spec]
+    if missing:
+        raise typed.DocumentError(f"{where}: {spec['op']} needs field(s) {missing}")
+    for name, value in spec.items():
+        if name != "op" and name in FIELDS[spec["op"]]:
+            FIELDS[spec["op"]][name](value, where, name)
+    return spec
+
+
+def read_edits(path) -> List[dict]:
+    """Edit specs from a JSON file: a list, or a sidecar of an earlier edit-mask run ({"edits": [...]})."""
+    data = typed.load_json(path, "edits file")
+    specs = data.get("edits") if isinstance(data, dict) else data
+    typed.array(specs, str(path), "edits")
+    return [check_edit(spec, f"{path}: edit {i + 1}") for i, spec in enumerate(specs)]
+
+
+def _resolve(spec: dict, rng: np.random.Generator, where: str = "edit") -> dict:
+    """The spec with every open value drawn from `rng`, as plain JSON types."""
+    spec = dict(check_edit(spec, where))
     op = spec["op"]
     if op == "rotate" and "max_degrees" in spec:
         limit = np.broadcast_to(np.asarray(spec.pop("max_degrees"), float), 3)
@@ -226,8 +279,8 @@ def apply_edits(mask: Volume, specs: Sequence[dict], rng: Optional[np.random.Gen
     spec names its source mask in `sources` by its "source" field."""
     rng = rng if rng is not None else np.random.default_rng()
     applied = []
-    for spec in specs:
-        spec = _resolve(spec, rng)
+    for i, spec in enumerate(specs):
+        spec = _resolve(spec, rng, f"edit {i + 1}")
         kwargs = {k: v for k, v in spec.items() if k not in ("op", "source")}
         if spec["op"] == "copy_lesion":
             name = spec.get("source")

@@ -35,28 +35,41 @@ def check_outputs(outputs: Dict[str, PathLike], inputs: Iterable[Optional[PathLi
     (a source dataset), exist without `overwrite`, collide with each other, or whose folder is
     missing, not writable or short of `expected_bytes` of free space. `outputs`: {name: path},
     the name is what the user typed (e.g. "--mask-out")."""
-    sources = {Path(p).resolve(): Path(p) for p in inputs if p}
-    folders = [Path(p).resolve() for p in protected if p]
+    try:
+        sources = {Path(p).resolve(): Path(p) for p in inputs if p}
+        folders = [Path(p).resolve() for p in protected if p]
+    except (OSError, RuntimeError) as err:  # a symlink loop or a name too long among the inputs
+        raise OutputError(f"cannot resolve an input path: {getattr(err, 'strerror', None) or err}") from None
     seen: Dict[Path, str] = {}
     for name, path in outputs.items():
         path = Path(path)
-        resolved = path.resolve()
-        if resolved in sources:
-            raise OutputError(f"{name} {path} would overwrite an input ({sources[resolved]}); "
-                              "choose another output path")
-        for folder in folders:
-            if _inside(resolved, folder):
-                raise OutputError(f"{name} {path} is inside the source dataset {folder}, which is never "
-                                  "written to; choose an output outside it")
-        if resolved in seen:
-            raise OutputError(f"{name} and {seen[resolved]} are the same file {path}; give them different paths")
-        seen[resolved] = name
-        if path.is_dir():
-            raise OutputError(f"{name} {path} is a folder; give a file name")
-        if path.exists() and not overwrite:
-            raise OutputError(f"{name} {path} exists; choose another path or allow overwriting (--overwrite)")
+        try:
+            _check_one(name, path, sources, folders, seen, overwrite)
+        except (OSError, RuntimeError) as err:
+            raise OutputError(f"cannot write {name} {path}: {getattr(err, 'strerror', None) or err}; "
+                              "choose another path") from None
     for folder in {Path(p).resolve().parent for p in outputs.values()}:
         check_folder(folder, expected_bytes)
+
+
+def _check_one(name: str, path: Path, sources: Dict[Path, Path], folders: list, seen: Dict[Path, str],
+               overwrite: bool) -> None:
+    """`check_outputs`' rules for one output."""
+    resolved = path.resolve()
+    if resolved in sources:
+        raise OutputError(f"{name} {path} would overwrite an input ({sources[resolved]}); "
+                          "choose another output path")
+    for folder in folders:
+        if _inside(resolved, folder):
+            raise OutputError(f"{name} {path} is inside the source dataset {folder}, which is never "
+                              "written to; choose an output outside it")
+    if resolved in seen:
+        raise OutputError(f"{name} and {seen[resolved]} are the same file {path}; give them different paths")
+    seen[resolved] = name
+    if path.is_dir():
+        raise OutputError(f"{name} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{name} {path} exists; choose another path or allow overwriting (--overwrite)")
 
 
 def check_folder(folder: Path, expected_bytes: int = 0) -> None:
@@ -113,6 +126,27 @@ def write_atomically(path: PathLike, write: Callable[[Path], None],
             tmp.unlink()
     _fsync_folder(path.parent)
     return path
+
+
+class Landing:
+    """Outputs that land together or not at all: `with Landing() as landed: landed.add(write(...))`;
+    when a later write fails (a full disk), the files written before it are removed, so no image
+    is left without its mask and provenance."""
+
+    def __init__(self):
+        self.written: list = []
+
+    def add(self, path: PathLike) -> Path:
+        self.written.append(Path(path))
+        return Path(path)
+
+    def __enter__(self) -> "Landing":
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is not None:
+            for path in self.written:
+                path.unlink(missing_ok=True)
 
 
 def write_text_atomically(path: PathLike, text: str) -> Path:

@@ -27,6 +27,7 @@ from gem3d.bundle import Bundle
 from gem3d.grid import ModelGrid, position_slice, slice_position
 from gem3d.informed import InformedSlice, from_reference, from_scan, model_index
 from gem3d.intensity import make_normaliser
+from gem3d.labels import label_array
 from gem3d.mask_edits import apply_edits, paper_augmentation
 from gem3d.models import decode_latents, encode_masks, encode_slices, volume_condition
 from gem3d.preflight import check_mask_not_empty, fit_mask
@@ -192,9 +193,7 @@ class Pipeline:
 
     def _prepare(self, reference: Volume, mask: Volume, request: GenerateRequest,
                  rng: np.random.Generator) -> _Prepared:
-        if not np.allclose(mask.array, np.round(mask.array)):
-            raise RequestError(f"{request.mask}: the mask holds non-integer values; give a label volume")
-        mask = Volume(np.round(mask.array).astype(np.int16), mask.geometry)
+        mask = Volume(label_array(mask.array, str(request.mask)), mask.geometry)
         mask, _ = fit_mask(mask, reference, str(request.mask))
         self.bundle.label_map.validate(mask.array, where=str(request.mask))
         check_mask_not_empty(mask, request.allow_empty_mask, str(request.mask))

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from gem3d.io import extension, nifti_nonfinite_count, read_volume
+from gem3d.io import TooLargeError, declared_voxels, extension, nifti_nonfinite_count, read_volume
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.preflight")
@@ -28,14 +28,16 @@ def output_limits(request) -> Tuple[int, list]:
 
 
 def _expected_bytes(reference: str) -> int:
-    """Upper bound of the outputs' size: float32 image + int16 mask, uncompressed."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(reference))
+    """Upper bound of the outputs' size: float32 image + int16 mask, uncompressed. A header
+    declaring more than io.MAX_VOXELS is refused here, before any allocation."""
+    if Path(reference).is_dir():
+        return 0  # a DICOM folder: reading it checks it
     try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return 0  # not a readable file (a DICOM folder, or broken): reading it will say why
-    return int(np.prod(reader.GetSize()[:3])) * 6 + (1 << 20)
+        return declared_voxels(reference) * 6 + (1 << 20)
+    except TooLargeError:
+        raise
+    except (OSError, ValueError):
+        return 0  # missing or unreadable: the path check or reading it says why
 
 
 def _datasets_of(inputs) -> list:
@@ -90,6 +92,6 @@ def _label_volumes(mask: Volume) -> Dict[int, float]:
 
 def check_mask_not_empty(mask: Volume, allow_empty: bool, where: str) -> None:
     """An all-zero mask is a real use (a healthy counterfactual) but must be asked for."""
-    if not allow_empty and not np.any(mask.array):
+    if not allow_empty and not np.any(mask.array > 0):  # -1 marks outside the body, not a lesion
         raise ValueError(f"the mask {where} has no labelled voxel; draw a label, or allow an empty mask "
                          "(--allow-empty-mask / \"allow_empty_mask\": true) to generate a scan without one")

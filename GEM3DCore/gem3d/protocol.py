@@ -1,26 +1,22 @@
 """Parsing of protocol messages (stdio worker, HTTP server): any line in, a request or an
 `error` event out, never an exception.
 
-Limits, stated once (docs/worker-protocol.md): a line is at most MAX_LINE bytes, JSON nests at
-most MAX_DEPTH levels, strings are at most MAX_STRING characters, job ids match JOB_ID (they
-become parts of file names). Every field is type-checked against `GenerateRequest`'s own
+Limits, stated once (docs/worker-protocol.md): a line is at most MAX_LINE bytes, job ids match
+JOB_ID (they become parts of file names); depth, string and number rules are the typed layer's
+(`gem3d.typed`). Every field is type-checked against `GenerateRequest`'s own
 annotations, so a wrong type is an error naming the field, not a crash later on.
 """
 from __future__ import annotations
 
-import json
-import math
 import re
 import typing
 from typing import IO, Iterator, Optional, Union
 
+from gem3d import typed
 from gem3d.request import GenerateRequest, InformedSpec, RequestError, check_keys
 
 MAX_LINE = 1 << 20
-MAX_DEPTH = 16
-MAX_STRING = 4096
 MAX_STEPS = 1000
-MAX_INT = 2 ** 63 - 1
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TYPES = ("generate", "cancel")
 
@@ -49,19 +45,15 @@ def _parse(line) -> dict:
     if len(line.encode("utf-8", "surrogatepass")) > MAX_LINE:
         raise RequestError(f"the line is longer than {MAX_LINE} bytes; requests are small JSON objects")
     try:
-        message = json.loads(line, parse_constant=_no_constant)
-    except RecursionError:
-        raise RequestError(f"the JSON nests deeper than {MAX_DEPTH} levels") from None
-    except ValueError as err:  # JSONDecodeError, or a NaN/Infinity constant
-        text = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
-        raise RequestError(f"not a JSON line ({text}): {line[:80]!r}") from None
-    if _depth(message) > MAX_DEPTH:
-        raise RequestError(f"the JSON nests deeper than {MAX_DEPTH} levels")
+        message = typed.loads(line, "the message")
+    except typed.DocumentError as err:
+        text = str(err).replace("the message: not valid JSON", "not a JSON line")
+        raise RequestError(f"{text}: {line[:80]!r}" if text.startswith("not a JSON line") else text) from None
     if not isinstance(message, dict):
         raise RequestError(f"a message is a JSON object, got {type(message).__name__}")
     kind = message.get("type")
     if kind not in TYPES:
-        raise RequestError(f"field 'type': expected one of {TYPES}, got {_show(kind)}")
+        raise RequestError(f"field 'type': expected one of {TYPES}, got {typed.show(kind)}")
     job_id = check_job_id(message.get("job_id", "job" if kind == "generate" else None))
     if kind == "cancel":
         extra = sorted(set(message) - {"type", "job_id"})
@@ -95,7 +87,7 @@ def check_job_id(job_id) -> str:
     """A job id safe to use in file names and as a dict key."""
     if not isinstance(job_id, str) or not JOB_ID.match(job_id):
         raise RequestError(f"field 'job_id': 1 to 64 letters, digits, '.', '_' or '-' (starting with a letter "
-                           f"or digit), got {_show(job_id)}")
+                           f"or digit), got {typed.show(job_id)}")
     return job_id
 
 
@@ -105,59 +97,8 @@ def _check_types(data: dict, cls, prefix: str) -> None:
         expected = hints[name]
         if expected is InformedSpec:
             expected = Optional[dict]
-        if not _matches(value, expected):
-            raise RequestError(f"field '{prefix}{name}': expected {_describe(expected)}, got {_show(value)}")
-
-
-def _matches(value, expected) -> bool:
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin is Union:
-        return any(_matches(value, a) for a in args)
-    if expected is type(None):
-        return value is None
-    if origin in (list, typing.List):
-        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
-    if expected is bool:
-        return isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if expected is str:
-        return isinstance(value, str) and 0 < len(value) <= MAX_STRING and "\x00" not in value
-    if expected is dict:
-        return isinstance(value, dict)
-    return isinstance(value, expected)
-
-
-def _describe(expected) -> str:
-    origin, args = typing.get_origin(expected), typing.get_args(expected)
-    if origin is Union:
-        return " or ".join(_describe(a) for a in args)
-    if origin in (list, typing.List):
-        return f"a list of {_describe(args[0])}"
-    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number",
-            str: f"a non-empty string (at most {MAX_STRING} characters)", dict: "an object"}.get(
-        expected, getattr(expected, "__name__", str(expected)))
-
-
-def _show(value) -> str:
-    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
-
-
-def _depth(value, limit: int = MAX_DEPTH + 1) -> int:
-    """Nesting depth of containers, not looking deeper than `limit`."""
-    if not isinstance(value, (dict, list)):
-        return 0
-    if limit <= 1:
-        return 1
-    children = value.values() if isinstance(value, dict) else value
-    return 1 + max((_depth(v, limit - 1) for v in children), default=0)
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
+        if not typed.matches(value, expected):
+            raise RequestError(f"field '{prefix}{name}': expected {typed.describe(expected)}, got {typed.show(value)}")
 
 
 def _safe_job_id(line) -> Optional[str]:

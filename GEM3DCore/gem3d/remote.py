@@ -28,6 +28,7 @@ import uuid
 from typing import Callable, Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
+from gem3d import typed
 from gem3d.events import TERMINAL, StreamError, read_event
 from gem3d.io import extension, provenance_path
 from gem3d.outputs import write_atomically
@@ -181,7 +182,7 @@ class RemoteClient:
         if 200 <= response.status < 300:
             return
         try:
-            data = json.loads(response.read() or b"{}")
+            data = typed.loads(response.read() or b"{}", f"{WHAT}'s answer")
             detail = data.get("error") or data.get("detail") if isinstance(data, dict) else None
         except (ValueError, OSError, http.client.HTTPException):
             detail = None
@@ -196,7 +197,7 @@ class RemoteClient:
         body = None if data is None else json.dumps(data).encode()
         conn, response = self._open(method, path, body, {"Content-Type": "application/json"} if body else None)
         try:
-            return json.loads(response.read())
+            return typed.loads(response.read(), f"{WHAT}'s answer")
         except (ValueError, OSError, http.client.HTTPException) as err:
             raise RemoteError(self._network_message(err)) from None
         finally:
@@ -294,7 +295,7 @@ class RemoteClient:
                     self._emit(job, {"event": "upload", "file": role, "done": progress[0], "total": progress[1]})
             response = conn.getresponse()
             self._check_status(response, conn)
-            return json.loads(response.read())["upload_id"]
+            return typed.loads(response.read(), f"{WHAT}'s answer")["upload_id"]
         except (OSError, http.client.HTTPException, ValueError, KeyError) as err:
             raise RemoteError(f"Uploading the {role} file failed: " + self._network_message(err)) from None
         finally:

@@ -12,15 +12,16 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, List, Optional
 
-from gem3d.io import provenance_path
+from gem3d.io import input_files, provenance_path
 from gem3d.outputs import OutputError, check_outputs
 from gem3d.sampler_settings import SAMPLERS
+from gem3d.typed import DocumentError
 
 INFORMED_SOURCES = ("same", "other", "generated", "fixed")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class RequestError(ValueError):
+class RequestError(DocumentError):
     """A request that cannot be run, with the reason."""
 
 
@@ -123,7 +124,7 @@ class GenerateRequest:
         problems = []
         scan = self.informed.scan if self.informed.source in ("other", "fixed") else None
         for key, path in (("reference", self.reference), ("mask", self.mask), ("informed.scan", scan)):
-            if path and not os.path.isfile(path):
+            if path and not (os.path.isfile(path) or os.path.isdir(path)):  # a folder: a DICOM series
                 problems.append(f"the {key} file {path} does not exist")
         if self.bundle and not os.path.isfile(os.path.join(self.bundle, "bundle.json")):
             problems.append(f"the model bundle folder {self.bundle} has no bundle.json")
@@ -134,9 +135,10 @@ class GenerateRequest:
         return problems
 
     def inputs(self) -> List[str]:
-        """Every file the request reads (edits may name a source mask)."""
+        """Every file the request reads: edits may name a source mask, and a header's detached
+        data files are read too."""
         sources = [e.get("source") for e in self.edits if isinstance(e, dict) and isinstance(e.get("source"), str)]
-        return [p for p in (self.reference, self.mask, self.informed.scan, *sources) if p]
+        return [str(f) for p in (self.reference, self.mask, self.informed.scan, *sources) if p for f in input_files(p)]
 
     def outputs(self) -> Dict[str, str]:
         """{what the user typed: path} of every file the request writes."""

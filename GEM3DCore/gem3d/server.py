@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import re
@@ -29,8 +28,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 import gem3d
+from gem3d import typed
 from gem3d.events import MEDIA_TYPE, encode_event
-from gem3d.io import WRITE_EXTENSIONS, extension, read_volume
+from gem3d.io import WRITE_EXTENSIONS, data_files, extension, read_volume
 from gem3d.jobs import Job, JobStore, LimitError, Upload
 from gem3d.protocol import request_from_dict
 from gem3d.request import GenerateRequest, RequestError
@@ -74,11 +74,20 @@ def confined(path: str, root: Optional[Path]) -> Path:
     if root is None:
         raise RequestError("this server has no --data-root, so it cannot read server paths; upload the file")
     root = root.resolve()
-    resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks are followed
-    if resolved != root and root not in resolved.parents:
-        raise RequestError(f"{path!r} is outside the server's data root")
-    if not resolved.is_file():
-        raise RequestError(f"{path!r}: no such file under the server's data root")
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks are followed
+        if resolved != root and root not in resolved.parents:
+            raise RequestError(f"{path!r} is outside the server's data root")
+        if not resolved.is_file():
+            raise RequestError(f"{path!r}: no such file under the server's data root")
+        for data in data_files(resolved):  # a header's voxels are read too: they must be inside as well
+            data = data.resolve()
+            if root not in data.parents or not data.is_file():
+                raise RequestError(f"{path!r} names a data file outside the server's data root (or none)")
+    except (OSError, RuntimeError, ValueError) as err:  # symlink loop, name too long, unreadable header
+        if isinstance(err, RequestError):
+            raise
+        raise RequestError(f"{path!r} cannot be resolved under the server's data root") from None
     return resolved
 
 
@@ -212,6 +221,9 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
                     f.write(chunk)
             if size == 0:
                 raise HTTPError(400, "the upload is empty")
+            if data_files(path):
+                raise HTTPError(400, "the upload's header names a detached data file; upload a volume with its "
+                                     "voxels in the same file (.nii.gz, .nrrd or .mha)")
             try:
                 volume = await anyio.to_thread.run_sync(read_volume, path)
             except (ValueError, OSError, RuntimeError):
@@ -232,9 +244,10 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
         async for chunk in request_chunks(request, settings.max_upload_bytes):
             body += chunk
         try:
-            data = json.loads(body)
-        except ValueError:
-            raise HTTPError(400, "the request body is not JSON; send the generate request as a JSON object")
+            data = typed.loads(body, "the request body")
+        except typed.DocumentError as err:
+            text = str(err).replace("the request body: not valid JSON", "the request body is not JSON")
+            raise HTTPError(400, f"{text}; send the generate request as a JSON object")
         client = intake.client_key(request)
         try:
             store.check_limits(client)

@@ -9,6 +9,7 @@ import click
 
 from ..datasets import CaseReport, inspect_case, open_dataset
 from ..labels import PRESETS, preset
+from ..outputs import check_outputs, write_text_atomically
 
 COLUMNS = (("shape(z,y,x)", 14), ("spacing(x,y,z)", 20), ("labels", 10))
 
@@ -35,6 +36,8 @@ def inspect(ctx, path, json_out, label_map):
     """
     try:
         data = open_dataset(path, preset(label_map) if label_map else None)
+        if json_out is not None:
+            check_outputs({"--json": json_out}, overwrite=True, protected=[data.root])
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error))
     click.echo(f"{data.format} dataset at {data.root}: {len(data.cases)} case(s); label map: {data.label_map}")
@@ -51,7 +54,7 @@ def inspect(ctx, path, json_out, label_map):
             click.echo(f"{report.case}: {problem}", err=True)
     click.echo(f"{len(reports)} case(s) inspected, {len(bad)} with problems")
     if json_out is not None:
-        json_out.write_text(json.dumps({
+        write_text_atomically(json_out, json.dumps({
             "path": str(data.root), "format": data.format, "label_map": data.label_map.to_dict(),
             "cases": [asdict(report) for report in reports]}, indent=2))
     ctx.exit(1 if bad else 0)

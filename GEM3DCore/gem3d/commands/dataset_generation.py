@@ -31,7 +31,7 @@ def _run(plan, dataset, out, bundle, device, kind, overwrite):
         device = f"cuda:{local_rank}"
     out = Path(out)
     try:
-        check_output_folder(Path(dataset), out)
+        check_output_folder(Path(dataset), out, overwrite)
         source = open_dataset(dataset)
         jobs = plan(source, out)
         engine = Engine(bundle or DEMO_BUNDLE, device)
@@ -51,7 +51,10 @@ def _run(plan, dataset, out, bundle, device, kind, overwrite):
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        info = write_dataset_json(out, source, engine.cfg.data.modality, jobs, kind)
+        try:
+            info = write_dataset_json(out, source, engine.cfg.data.modality, jobs, kind)
+        except OSError as err:  # a full disk: the OS's words, the cases already written are kept
+            raise click.ClickException(str(err)) from None
         if info is None:
             raise click.ClickException(f"no case was generated, so {out / 'dataset.json'} was not written")
         click.echo(f"{out}: {info['numTraining']} of {len(jobs)} synthetic cases")

@@ -19,25 +19,11 @@ def sidecar_path(path) -> Path:
 
 
 def _read_mask(path):
-    import numpy as np
-
     from gem3d.io import read_volume
+    from gem3d.labels import label_array
 
     mask = read_volume(path)
-    if mask.array.dtype.kind == "f":
-        if not np.array_equal(mask.array, np.round(mask.array)):
-            raise click.ClickException(f"{path}: mask voxels are not integer labels")
-        mask = mask.with_array(mask.array.astype(np.int16))
-    return mask
-
-
-def _edits_file(path):
-    """Specs from a JSON list, or from a sidecar written by this command (replay)."""
-    data = json.loads(Path(path).read_text())
-    specs = data["edits"] if isinstance(data, dict) else data
-    if not isinstance(specs, list):
-        raise click.ClickException(f"{path}: expected a list of edit specs or an object with 'edits'")
-    return specs
+    return mask.with_array(label_array(mask.array, str(path))) if mask.array.dtype.kind == "f" else mask
 
 
 @click.command("edit-mask")
@@ -66,17 +52,18 @@ def edit_mask(mask_path, out_path, edits_path, flip, rotate, translate, scale, m
     then --augment."""
     import numpy as np
 
-    from gem3d.io import write_volume
-    from gem3d.mask_edits import apply_edits, paper_augmentation
+    from gem3d.io import input_files, write_volume
+    from gem3d.mask_edits import apply_edits, paper_augmentation, read_edits
+    from gem3d.outputs import Landing, check_outputs, write_text_atomically
 
-    if Path(out_path).resolve() == Path(mask_path).resolve() or \
-            sidecar_path(out_path).resolve() == Path(mask_path).resolve():
-        raise click.UsageError("--out would overwrite the input mask; choose another path")
     try:
         lesion = {"labels": [int(v) for v in labels.split(",")]} if labels else {}
     except ValueError:
         raise click.BadParameter(f"{labels!r} is not a comma-separated list of labels", param_hint="--labels")
-    specs = _edits_file(edits_path) if edits_path else []
+    try:
+        specs = read_edits(edits_path) if edits_path else []
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     if flip:
         specs.append({"op": "flip", "axis": flip, **lesion})
     if rotate:
@@ -100,15 +87,19 @@ def edit_mask(mask_path, out_path, edits_path, flip, rotate, translate, scale, m
     if not specs:
         raise click.UsageError("no edit given (see --help)")
     base = Path(edits_path).parent if edits_path else Path.cwd()
+    source_paths = {spec["source"]: base / str(spec["source"]) for spec in specs
+                     if isinstance(spec, dict) and spec.get("op") == "copy_lesion" and "source" in spec}
+    inputs = [str(f) for p in (mask_path, *source_paths.values()) for f in input_files(p)] + [edits_path]
     try:
-        mask = _read_mask(mask_path)
-        sources = {spec["source"]: _read_mask(base / str(spec["source"])) for spec in specs
-                   if isinstance(spec, dict) and spec.get("op") == "copy_lesion" and "source" in spec}
-        edited, applied = apply_edits(mask, specs, rng, sources)
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        write_volume(edited, out_path, overwrite=overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
-    provenance = {"tool": "gem3d edit-mask", "input": str(mask_path), "seed": seed, "edits": applied}
-    sidecar_path(out_path).write_text(json.dumps(provenance, indent=1))
+        check_outputs({"--out": out_path, "sidecar": sidecar_path(out_path)}, inputs, overwrite)
+        mask = _read_mask(mask_path)
+        sources = {name: _read_mask(path) for name, path in source_paths.items()}
+        edited, applied = apply_edits(mask, specs, rng, sources)
+        provenance = {"tool": "gem3d edit-mask", "input": str(mask_path), "seed": seed, "edits": applied}
+        with Landing() as landed:
+            landed.add(write_volume(edited, out_path, overwrite=overwrite))
+            write_text_atomically(sidecar_path(out_path), json.dumps(provenance, indent=1))
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from None
     click.echo(f"wrote {out_path} ({len(applied)} edits)")

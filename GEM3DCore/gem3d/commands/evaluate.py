@@ -24,7 +24,11 @@ def evaluate(real, synthetic, paired, extractor, planes_per_volume, segmenter, j
     """FID-A/C/S, volumetric consistency, paired PSNR/SSIM/MS-SSIM and mask Dice."""
     from gem3d.evaluation.report import evaluate as run, table, write_csv, write_json
 
+    from gem3d.outputs import check_outputs
+
+    reports = {name: path for name, path in (("--json", json_out), ("--csv", csv_out)) if path}
     try:
+        check_outputs(reports, overwrite=True, protected=[real, synthetic])
         report = run(real, synthetic, paired, extractor, planes_per_volume, segmenter,
                      progress=lambda text: click.echo(text, err=True))
     except (ValueError, OSError) as err:

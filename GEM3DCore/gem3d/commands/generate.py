@@ -1,7 +1,6 @@
 """`gem3d generate` (one volume) and `gem3d worker` (the stdio engine Slicer talks to)."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -73,14 +72,18 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
              augment, sampler, steps, eta, seed, device, out, mask_out, overwrite, allow_empty_mask, conventions):
     """Generate a synthetic volume from a mask and an informed slice."""
     from gem3d.engine import Engine
+    from gem3d.mask_edits import read_edits
+    from gem3d.outputs import check_outputs
 
     try:
         request = GenerateRequest(
             reference=reference, mask=mask, out=out, mask_out=mask_out, bundle=bundle,
             informed=InformedSpec(informed, informed_from, informed_slice, informed_position),
-            start=start, edits=json.loads(Path(edits).read_text()) if edits else [], augment=augment,
+            start=start, edits=read_edits(edits) if edits else [], augment=augment,
             sampler=sampler, steps=steps, eta=eta, seed=seed, device=device, overwrite=overwrite,
             allow_empty_mask=allow_empty_mask)
+        if edits:  # the edits file is an input too
+            check_outputs(request.outputs(), [edits], overwrite=True)
         engine = Engine(bundle or DEMO_BUNDLE, device, conventions)
     except (RequestError, ValueError, OSError) as err:
         raise click.ClickException(str(err))

@@ -10,6 +10,7 @@ image with its mask as the ceiling). Volumes are read one at a time.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -21,7 +22,9 @@ from gem3d.evaluation.consistency import ConsistencyStats
 from gem3d.evaluation.extractors import make_extractor
 from gem3d.evaluation.frechet import FrechetPlanes
 from gem3d.evaluation.metrics import ms_ssim_scales, paired_metrics
+from gem3d import typed
 from gem3d.datasets import open_dataset
+from gem3d.outputs import write_text_atomically
 from gem3d.evaluation.volumes import pair_cases, read_case, read_unit_case, to_unit, unit_range
 
 
@@ -46,7 +49,7 @@ def make_segmenter(spec: str, real_path) -> Optional[Segmenter]:
         return train_segmenter(cases, [v for v in dataset.label_map.values if v > 0], steps=steps)
     if spec == "auto":
         truths = sorted((Path(real_path) / "groundtruth").glob("*.json"))[:1]
-        kind = json.loads(truths[0].read_text()).get("kind") if truths else None
+        kind = typed.obj(typed.load_json(truths[0]), str(truths[0])).get("kind") if truths else None
         return PhantomBrainRule() if kind in ("brain", "mni") else None
     raise ValueError(f"unknown segmenter {spec!r}; use auto, none, phantom-brain, net:PATH or train[:STEPS]")
 
@@ -152,11 +155,12 @@ def _flat(report: dict):
 
 
 def write_json(report: dict, path) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(report, indent=2) + "\n")
 
 
 def write_csv(report: dict, path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["scope", "case", "metric", "value"])
-        writer.writerows(_flat(report))
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["scope", "case", "metric", "value"])
+    writer.writerows(_flat(report))
+    write_text_atomically(path, text.getvalue())

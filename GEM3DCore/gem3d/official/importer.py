@@ -17,7 +17,6 @@ slices, 512 x 512 slices, latent scale 0.18215, LDM linear betas
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -25,6 +24,7 @@ import torch
 
 from gem3d import config as config_lib
 from gem3d import conventions as conventions_lib
+from gem3d import typed
 from gem3d.bundle import save_bundle
 from gem3d.config import Config
 from gem3d.labels import ABDOMEN_CT1K, MSD_BRAIN
@@ -61,7 +61,7 @@ def ct_window_from_plans(path: PathLike) -> Tuple[float, float]:
     """The HU clip window nnU-Net used: foreground 0.5 / 99.5 percentiles of channel 0 in an
     nnUNetPlans.json or dataset_fingerprint.json."""
     try:
-        props = json.loads(Path(path).read_text())["foreground_intensity_properties_per_channel"]["0"]
+        props = typed.load_json(path)["foreground_intensity_properties_per_channel"]["0"]
         return float(props["percentile_00_5"]), float(props["percentile_99_5"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: no CT intensity properties (foreground_intensity_properties_per_channel."

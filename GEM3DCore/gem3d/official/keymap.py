@@ -16,13 +16,13 @@ without any tensor (the committed manifests, or a real file's shapes).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from gem3d import typed
 from gem3d.config import VAEConfig
 
 Shape = Tuple[int, ...]
@@ -54,7 +54,7 @@ def load_manifest(name: str) -> Shapes:
     file = MANIFESTS / f"{name}.json"
     if not file.is_file():
         raise ValueError(f"no official manifest {name!r}; known: {sorted(p.stem for p in MANIFESTS.glob('*.json'))}")
-    return {k: tuple(v) for k, v in json.loads(file.read_text())["keys"].items()}
+    return {k: tuple(v) for k, v in typed.load_json(file)["keys"].items()}
 
 
 def ema_key(key: str) -> str:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import gem3d
 from gem3d import config as config_lib
+from gem3d import typed
 from gem3d.bundle import cpu_tensors, save_bundle
 from gem3d.config import Config
 from gem3d.models import build_slice_model, build_unet, build_vae
@@ -93,7 +94,7 @@ class Run:
         if not file.is_file():
             raise ValueError(f"{file} is missing: run `gem3d train {name}` on this run folder first")
         with safe_open(str(file), framework="pt") as f:
-            return json.loads(f.metadata()["result"])
+            return typed.loads(f.metadata()["result"], f"{file} metadata")
 
     def _load(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
         self.result(name)
