@@ -11,6 +11,8 @@ Wasserstein-1 distance (in intensity units, 0 = identical distributions):
 - ``seam``: the per-slice-pair profile d(z) = mean foreground |x[z+1] - x[z]| divided by
   the volume's median d: a seam is one pair with a large ratio, flicker a wide spread.
 ``seam_max_*`` (mean over volumes of max_z d(z) / median d) needs no reference at all.
+``stripe_ratio``: stripe power (`stripe_power`) of the synthetic volumes over the real ones'
+(1 = as striped as real scans; horizontal stripes in coronal/sagittal views push it up).
 Foreground: either voxel of a pair above 0.05. Voxel samples are thinned to at most
 `MAX_SAMPLES` per volume (evenly strided, so deterministic).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import numpy as np
+from scipy import ndimage
 from scipy.stats import wasserstein_distance
 
 from gem3d.evaluation.volumes import FOREGROUND
@@ -67,6 +70,29 @@ def seam_profile(volume: np.ndarray) -> np.ndarray:
     return d / median if median > 0 else np.zeros_like(d)
 
 
+STRIPE_SIGMA = 2.0  # in-plane Gaussian (voxels) that averages voxel noise out of the profiles
+
+
+def stripe_power(volume: np.ndarray, sigma: float = STRIPE_SIGMA) -> float:
+    """Mean squared slice-to-slice difference of the in-plane-smoothed volume over foreground
+    pairs: the power of the jumps along z seen in coronal and sagittal profiles. Smoothing keeps
+    what is coherent across a slice (a stripe: the whole slice a little brighter) and removes
+    independent voxel noise, which every slice of a real scan has too."""
+    volume = np.asarray(volume, dtype=np.float64)
+    if volume.ndim != 3 or volume.shape[0] < 2:
+        raise ValueError(f"stripe power needs a (z, y, x) volume of at least 2 slices, got {volume.shape}")
+    smooth = ndimage.gaussian_filter(volume, (0, sigma, sigma), mode="nearest")
+    _, keep = _slice_pairs(volume)
+    if not keep.any():
+        raise ValueError("stripe power: the volume has no foreground voxels")
+    return float(np.mean(np.diff(smooth, axis=0)[keep] ** 2))
+
+
+def stripe_ratio(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """`stripe_power` of ``synthetic`` over that of ``real`` (same [0, 1] scale)."""
+    return stripe_power(synthetic) / stripe_power(real)
+
+
 class ConsistencyStats:
     """Collects the distributions of real and synthetic volumes; `distances()` compares them."""
 
@@ -74,6 +100,7 @@ class ConsistencyStats:
         self.samples: Dict[str, Dict[str, List[np.ndarray]]] = {
             side: {m: [] for m in MEASURES} for side in ("real", "synthetic")}
         self.seam_max: Dict[str, List[float]] = {"real": [], "synthetic": []}
+        self.stripe: Dict[str, List[float]] = {"real": [], "synthetic": []}
 
     def add(self, side: str, volume: np.ndarray) -> None:
         volume = np.asarray(volume, dtype=np.float32)
@@ -84,6 +111,7 @@ class ConsistencyStats:
         profile = seam_profile(volume)
         s["seam"].append(profile.astype(np.float64))
         self.seam_max[side].append(float(profile.max()) if len(profile) else 0.0)
+        self.stripe[side].append(stripe_power(volume))
 
     def distances(self) -> Dict[str, float]:
         out = {}
@@ -94,4 +122,5 @@ class ConsistencyStats:
             out[f"{m}_w1"] = float(wasserstein_distance(real, synthetic))
         out["seam_max_real"] = float(np.mean(self.seam_max["real"]))
         out["seam_max_synthetic"] = float(np.mean(self.seam_max["synthetic"]))
+        out["stripe_ratio"] = float(np.mean(self.stripe["synthetic"]) / np.mean(self.stripe["real"]))
         return out
