@@ -13,7 +13,7 @@ from scipy import ndimage
 from gem3d import phantom
 from gem3d.cli import main
 from gem3d.evaluation.adherence import PhantomBrainRule, dice, dice_scores
-from gem3d.evaluation.consistency import (ConsistencyStats, interslice_differences, seam_profile, stripe_power,
+from gem3d.evaluation.consistency import (ConsistencyStats, interslice_differences, seam_profile, stripe_index,
                                          stripe_ratio)
 from gem3d.evaluation.extractors import (RadImageNetResNet50, RandomConvExtractor, load_radimagenet,
                                          make_extractor)
@@ -183,36 +183,35 @@ def test_a_seam_scores_worse_than_no_seam():
     assert seam_profile(seamed).argmax() == 7                # the jump is between slices 7 and 8
 
 
-def test_stripe_power_of_a_ramp_and_of_striped_slices_by_hand():
-    """A slice-wide offset survives the in-plane smoothing whole: alternating +-0.05 slice offsets
-    on a ramp of 0.01 per slice give differences 0.01 +- 0.1, power (0.11^2 + 0.09^2) / 2."""
-    z = np.arange(13, dtype=np.float64)[:, None, None]   # 12 pairs, 6 of each sign
-    texture = smooth_volume(5, (1, 32, 32))                  # the same in-plane pattern on every slice
-    smooth = texture + 0.01 * z - 0.05
-    striped = smooth + np.where(z % 2 == 0, 0.05, -0.05)
-    assert stripe_power(smooth) == pytest.approx(1e-4, rel=1e-9)
-    assert stripe_power(striped) == pytest.approx((0.11 ** 2 + 0.09 ** 2) / 2, rel=1e-9)
-    assert stripe_ratio(smooth, striped) == pytest.approx(101.0, rel=1e-9)
+def test_stripe_index_of_a_ramp_and_of_striped_slices_by_hand():
+    """In-plane: a ramp of 0.01 per column, so (dx^2 + dy^2) / 2 = 5e-5 everywhere. Along z: a
+    ramp of 0.01 per slice (dz^2 = 1e-4, index 2) or alternating +-0.05 slice offsets
+    (dz^2 = 0.1^2, index 200)."""
+    z = np.arange(13, dtype=np.float64)[:, None, None]
+    columns = 0.3 + 0.01 * np.arange(32, dtype=np.float64)[None, None, :]
+    smooth = np.broadcast_to(columns + 0.01 * z, (13, 32, 32))
+    striped = np.broadcast_to(columns + np.where(z % 2 == 0, 0.05, -0.05), (13, 32, 32))
+    assert stripe_index(smooth) == pytest.approx(2.0, rel=1e-9)
+    assert stripe_index(striped) == pytest.approx(200.0, rel=1e-9)
+    assert stripe_ratio(smooth, striped) == pytest.approx(100.0, rel=1e-9)
+    assert stripe_ratio(smooth, 0.5 + 0.5 * smooth) == pytest.approx(1.0, rel=1e-9)   # contrast cancels
 
 
-def test_stripe_power_ignores_voxel_noise_but_not_slice_offsets():
-    """Voxel noise of std s leaves 2 s^2 / (4 pi sigma^2) after the in-plane Gaussian (sigma 2):
-    ~100x less than alternating slice offsets of +-s, whose power is (2 s)^2."""
+def test_stripe_index_of_isotropic_noise_is_one_and_slice_offsets_raise_it():
     rng = np.random.default_rng(6)
-    base = np.broadcast_to(smooth_volume(7, (1, 64, 64)), (16, 64, 64))
-    noisy = base + 0.05 * rng.standard_normal(base.shape)
-    striped = base + np.where(np.arange(16)[:, None, None] % 2 == 0, 0.05, -0.05)
-    assert stripe_power(noisy) == pytest.approx(2 * 0.05 ** 2 / (4 * np.pi * 4), rel=0.2)
-    assert stripe_power(striped) == pytest.approx(0.1 ** 2, rel=1e-9)
+    noise = 0.5 + 0.05 * rng.standard_normal((16, 64, 64))
+    assert stripe_index(noise) == pytest.approx(1.0, abs=0.03)
+    striped = noise + np.where(np.arange(16)[:, None, None] % 2 == 0, 0.05, -0.05)
+    assert stripe_index(striped) == pytest.approx(1 + 0.1 ** 2 / (2 * 0.05 ** 2), rel=0.05)   # 3
     stats = ConsistencyStats()
-    stats.add("real", noisy)
-    stats.add("synthetic", striped)
-    assert stats.distances()["stripe_ratio"] == pytest.approx(stripe_power(striped) / stripe_power(noisy))
+    stats.add("real", noise.astype(np.float32))
+    stats.add("synthetic", striped.astype(np.float32))
+    assert stats.distances()["stripe_ratio"] == pytest.approx(3.0, rel=0.05)
 
 
-def test_stripe_power_rejects_an_empty_volume():
+def test_stripe_index_rejects_a_volume_without_foreground():
     with pytest.raises(ValueError, match="no foreground"):
-        stripe_power(np.zeros((4, 8, 8)))
+        stripe_index(np.zeros((4, 8, 8)))
 
 
 # ---------------------------------------------------------------- mask adherence
