@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
             mean = f"{p['mean']:+.3f}"
             excludes = p["t_ci95"][0] > 0 or p["t_ci95"][1] < 0
             lines.append(f"| {name} | {f'**{mean}**' if excludes else mean} | "
-                         f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | [{p['t_ci95'][0]:+.3f}, {p['t_ci95'][1]:+.3f}] | "
+                         f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
+                         f"[{p['t_ci95'][0]:+.3f}, {p['t_ci95'][1]:+.3f}] | "
                          f"{p['ahead']}/{p['cases']} | {p['sign_p']:.3g} | {p['wilcoxon_p']:.3g} |")
         lines.append("")
     text = "\n".join(lines)

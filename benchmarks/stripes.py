@@ -121,10 +121,11 @@ def main(argv=None) -> dict:
     if args.quick:
         settings = {k: v for k, v in settings.items() if v[0].get("steps") != 200}
     work = Path(tempfile.mkdtemp(prefix="gem3d_stripes_"))
-    phantom.write_dataset(work, "brain", cases_n, size=engine.bundle.slice_size, slices=args.slices, seed=3)
-    cases = open_dataset(work).cases
+    phantom.write_dataset(work / "data", "brain", cases_n, size=engine.bundle.slice_size, slices=args.slices,
+                          seed=3)
+    cases = open_dataset(work / "data").cases
+    (work / "out").mkdir()
     real = {c.case_id: read_volume(c.image) for c in cases}
-    masks = {c.case_id: read_volume(c.mask) for c in cases}
     scale = {k: unit_range(axial_view(v)) for k, v in real.items()}
 
     def profile(case_id, array):
@@ -155,19 +156,21 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         synthetic, borders, fidelity = [], [], []
         for i, case in enumerate(cases):
-            request = GenerateRequest(reference=str(case.image), mask=str(case.mask), out=str(work / "x.nii.gz"),
-                                      informed=InformedSpec("same"), start=0.5, seed=i, **request_kw)
-            for event in engine.pipeline.run(real[case.case_id], masks[case.case_id], request,
-                                             switches=Switches(**switch_kw)):
-                pass
-            generated = event["result"]
-            array = z_filter(generated.image.array, a_cal) if filtered else generated.image.array
+            request = GenerateRequest(reference=str(case.image), mask=str(case.mask),
+                                      out=str(work / "out" / "x.nii.gz"), informed=InformedSpec("same"), start=0.5,
+                                      seed=i, overwrite=True, **request_kw)
+            *_, finished = engine.generate(request, switches=Switches(**switch_kw))
+            if finished["event"] != "finished":
+                raise RuntimeError(f"{case.case_id}: {finished.get('message')}")
+            image = read_volume(finished["outputs"]["image"]).array
+            record = json.loads(Path(finished["outputs"]["provenance"]).read_text())
+            array = z_filter(image, a_cal) if filtered else image
             volume = Volume(array.astype(np.float32), real[case.case_id].geometry)
             examples.setdefault(label, volume)
             synthetic.append(profile(case.case_id, array))
             fidelity.append(paired_metrics(to_unit(axial_view(real[case.case_id]), scale[case.case_id]),
                                            to_unit(axial_view(volume), scale[case.case_id])))
-            borders.append(border_pairs(generated.record["windows"], len(synthetic[-1][0]) + 1))
+            borders.append(border_pairs(record["windows"], len(synthetic[-1][0]) + 1))
 
         def split(profiles, at_border):
             return [(z[b == at_border], p[b == at_border]) for (z, p), b in zip(profiles, borders)]
@@ -181,12 +184,14 @@ def main(argv=None) -> dict:
         print(label, rows[label], flush=True)
     result = {"bundle": name, "cases": cases_n, "slices": args.slices, "size": engine.bundle.slice_size,
               "window_length": engine.bundle.window_length, "rows": rows, "machine": machine(torch.device("cpu")),
-              "command": "python benchmarks/stripes.py" + (" --smoke" if args.smoke else " --quick" if args.quick else "")}
+              "command": "python benchmarks/stripes.py" + (" --smoke" if args.smoke else
+                                                           " --quick" if args.quick else "")}
     lines = [f"# Stripes: {name}, {cases_n} phantom brains {engine.bundle.slice_size}x"
              f"{engine.bundle.slice_size}x{args.slices}, window {engine.bundle.window_length}, start 0.5, "
              "informed slice: the case's own", "",
              "Stripe index (`gem3d.evaluation.consistency.stripe_index`: power of differences along z over "
-             "in-plane ones) of the outputs over the real scans' (1 = real). inside / border: slice pairs inside one window / across a window border, each "
+             "in-plane ones) of the outputs over the real scans' (1 = real). inside / border: slice pairs "
+             "inside one window / across a window border, each "
              "over the real scan's same pairs.", "",
              f"z filter: [a, 1 - 2a, a] along z after decoding, a = {a_cal:.3f} (calibrated on the VAE round "
              "trips of 2 other cases). PSNR dB / MS-SSIM: paired against the real scan, mean over cases.", "",

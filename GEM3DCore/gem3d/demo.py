@@ -49,8 +49,9 @@ def edit_scores(reference: np.ndarray, synthetic: np.ndarray, truth: np.ndarray)
     scores = {"edited_voxels": int(edited.sum())}
     for region, where in (("volume", np.ones_like(edited)), ("edited", edited), ("around", shell)):
         for name, volume in (("synthetic", synthetic), ("do_nothing", reference)):
-            scores[f"{region}_psnr_{name}_db"] = round(psnr(volume[where], truth[where], data_range), 2)
-            scores[f"{region}_mae_{name}"] = round(float(np.abs(volume[where] - truth[where].astype(np.float64)).mean()), 2)
+            scores[f"{region}_psnr_{name}_db"] = round(float(psnr(volume[where], truth[where], data_range)), 2)
+            error = np.abs(volume[where] - truth[where].astype(np.float64))
+            scores[f"{region}_mae_{name}"] = round(float(error.mean()), 2)
     return scores
 
 
