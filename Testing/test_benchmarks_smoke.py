@@ -90,3 +90,36 @@ def test_demo_bundle_recipe_runs_end_to_end(tmp_path):
     assert [stages[s]["steps"] for s in ("vae", "stage1", "stage2", "slice")] == [2, 2, 2, 2]
     assert "dataset_command=gem3d phantom --kind brain" in bundle.info["provenance"]["command"]
     assert "final loss" in (tmp_path / "train_demo_bundle.txt").read_text()
+
+
+@pytest.mark.slow   # ~1 min on 2 shared cores
+def test_stripes_smoke_writes_its_table_and_montage(tmp_path):
+    result = run("stripes.py", "--smoke", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "stripes_demo_bundle_smoke.json").read_text())["rows"]
+    assert rows["real scan"]["ratio"] == 1.0
+    assert 0 <= rows["VAE round trip of the real scan (per-slice decoding)"]["calibrated_a"] <= 0.25
+    product = rows["product: DPM++ 20, known frames fixed noise"]
+    assert 0.5 < product["ratio"] < 3 and product["psnr"] > 15
+    assert (tmp_path / "stripes_demo_bundle_smoke_montage.png").stat().st_size > 1000
+
+
+@pytest.mark.slow   # ~1 min on 2 shared cores
+def test_harmonise_strength_smoke_lowers_site_spread_with_strength(tmp_path):
+    result = run("harmonise_strength.py", "--smoke", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "harmonise_strength_demo_bundle_smoke.json").read_text())["rows"]
+    low, full = rows["harmonised, strength 0.25"], rows["harmonised, strength 1.0"]
+    assert full["wm_across_sites"] < low["wm_across_sites"] < rows["real scans (before)"]["wm_across_sites"]
+
+
+def test_paired_restats_recomputes_the_committed_means(tmp_path):
+    result = run("paired_restats.py", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    restats = json.loads((tmp_path / "paired_restats.json").read_text())
+    committed = json.loads((ROOT / "benchmarks" / "results" / "paper_tables_paper64.json").read_text())
+    for name, diff in committed["paired_differences"].items():
+        new = restats["paper64"][name]["psnr"]
+        assert new["mean"] == pytest.approx(diff["psnr"]["mean"], abs=1e-9)
+        assert new["ci95"] == pytest.approx(diff["psnr"]["ci95"], abs=1e-9)
+        assert new["t_ci95"][0] < new["mean"] < new["t_ci95"][1] and 0 < new["wilcoxon_p"] <= 1

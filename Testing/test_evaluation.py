@@ -13,7 +13,8 @@ from scipy import ndimage
 from gem3d import phantom
 from gem3d.cli import main
 from gem3d.evaluation.adherence import PhantomBrainRule, dice, dice_scores
-from gem3d.evaluation.consistency import ConsistencyStats, interslice_differences, seam_profile
+from gem3d.evaluation.consistency import (ConsistencyStats, interslice_differences, seam_profile, stripe_index,
+                                         stripe_ratio)
 from gem3d.evaluation.extractors import (RadImageNetResNet50, RandomConvExtractor, load_radimagenet,
                                          make_extractor)
 from gem3d.evaluation.frechet import FrechetPlanes, frechet_distance, planes
@@ -180,6 +181,37 @@ def test_a_seam_scores_worse_than_no_seam():
     assert b["seam_w1"] > 2 * a["seam_w1"] and b["isd_w1"] > a["isd_w1"]
     assert b["seam_max_synthetic"] > 2 * a["seam_max_synthetic"]
     assert seam_profile(seamed).argmax() == 7                # the jump is between slices 7 and 8
+
+
+def test_stripe_index_of_a_ramp_and_of_striped_slices_by_hand():
+    """In-plane: a ramp of 0.01 per column, so (dx^2 + dy^2) / 2 = 5e-5 everywhere. Along z: a
+    ramp of 0.01 per slice (dz^2 = 1e-4, index 2) or alternating +-0.05 slice offsets
+    (dz^2 = 0.1^2, index 200)."""
+    z = np.arange(13, dtype=np.float64)[:, None, None]
+    columns = 0.3 + 0.01 * np.arange(32, dtype=np.float64)[None, None, :]
+    smooth = np.broadcast_to(columns + 0.01 * z, (13, 32, 32))
+    striped = np.broadcast_to(columns + np.where(z % 2 == 0, 0.05, -0.05), (13, 32, 32))
+    assert stripe_index(smooth) == pytest.approx(2.0, rel=1e-9)
+    assert stripe_index(striped) == pytest.approx(200.0, rel=1e-9)
+    assert stripe_ratio(smooth, striped) == pytest.approx(100.0, rel=1e-9)
+    assert stripe_ratio(smooth, 0.5 + 0.5 * smooth) == pytest.approx(1.0, rel=1e-9)   # contrast cancels
+
+
+def test_stripe_index_of_isotropic_noise_is_one_and_slice_offsets_raise_it():
+    rng = np.random.default_rng(6)
+    noise = 0.5 + 0.05 * rng.standard_normal((16, 64, 64))
+    assert stripe_index(noise) == pytest.approx(1.0, abs=0.03)
+    striped = noise + np.where(np.arange(16)[:, None, None] % 2 == 0, 0.05, -0.05)
+    assert stripe_index(striped) == pytest.approx(1 + 0.1 ** 2 / (2 * 0.05 ** 2), rel=0.05)   # 3
+    stats = ConsistencyStats()
+    stats.add("real", noise.astype(np.float32))
+    stats.add("synthetic", striped.astype(np.float32))
+    assert stats.distances()["stripe_ratio"] == pytest.approx(3.0, rel=0.05)
+
+
+def test_stripe_index_rejects_a_volume_without_foreground():
+    with pytest.raises(ValueError, match="no foreground"):
+        stripe_index(np.zeros((4, 8, 8)))
 
 
 # ---------------------------------------------------------------- mask adherence

@@ -235,6 +235,33 @@ def test_known_frames_carry_the_noise_level_of_the_timestep_they_are_fed_at(samp
             torch.testing.assert_close(later, implied[0], rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++"])
+def test_fresh_known_noise_is_a_new_draw_at_the_right_level_every_step(sampler):
+    """known_noise="fresh" (the paper's RePaint): each step's known frames carry unit noise at the
+    step's level, drawn anew (nearly uncorrelated with the previous step's)."""
+    Z, h = 3 * N - 2, 8
+    X0 = 3 * torch.randn(Z, C, h, h, generator=torch.Generator().manual_seed(1)) + 2
+    calls = []
+    plan = plan_windows(Z, N, start_slice(0.5, Z, N))
+    list(propagate(oracle(X0, calls), slice_index_masks(Z, h, h), X0[plan.first.start], plan,
+                   scheduler_factory(**SAMPLER_ARGS[sampler]), torch.Generator().manual_seed(0),
+                   batch_directions=False, known_noise="fresh"))
+    window = plan.up[0]
+    known = [window.start + k for k in window.known]
+    implied = []
+    for x, t, mask_latent, _ in calls:
+        if int(frame_indices(mask_latent)[0, 0]) == window.start:
+            a = ABAR[t].view(-1, 1, 1, 1)
+            implied.append((x[0, list(window.known)].double() - a[0].sqrt() * X0[known].double())
+                           / (1 - a[0]).sqrt())
+    assert len(implied) == 20
+    for previous, now in zip(implied, implied[1:]):
+        assert 0.8 < float(now.std()) < 1.2
+        assert abs(float(torch.corrcoef(torch.stack([previous.flatten(), now.flatten()]))[0, 1])) < 0.5
+    with pytest.raises(ValueError, match="known_noise must be one of fixed, fresh"):
+        run(mixing_denoiser, Z, 0.5, known_noise="stale")
+
+
 def test_later_windows_are_informed_by_the_generated_overlap_slice():
     Z = 3 * N - 2
     X0 = torch.randn(Z, C, H, W)

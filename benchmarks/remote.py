@@ -1,6 +1,6 @@
 """Remote vs local generation, and `gem3d serve` under load, on one machine.
 
-1. The demo job (README: a phantom brain, tumour flipped to the other hemisphere, demo
+1. The demo job (README: a phantom brain, tumour moved clear of where it was, demo
    bundle, seed 0) run in-process (`Engine.generate`, bundle already loaded) and through
    a `gem3d serve` on loopback (`RemoteClient`: upload, queue, event stream with binary
    slabs, download), each `--repeats` times; the ratio remote / local of the medians is

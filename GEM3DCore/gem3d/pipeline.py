@@ -49,6 +49,7 @@ class Switches:
     batch_directions: bool = True  # up and down windows in one denoiser batch (see `propagate`)
     replace_known: bool = True     # overlapped inpainting: known frames re-noised into every step
     chain_informed: bool = True    # later windows informed by the generated overlap slice (the paper)
+    known_noise: str = "fixed"     # known frames re-noised with fixed or fresh noise (`propagate`)
 
 
 @dataclass
@@ -147,12 +148,17 @@ class Pipeline:
             mask_latents = encode_masks(torch.from_numpy(prepared.labels).to(self.device), self.cfg,
                                         self.bundle.vae, sample=conv.sample_posterior, generator=generator).float()
             informed_latent = self._informed_latent(informed, mask_latents, factory, generator, cancel)
+            init_latents = None
+            if request.strength < 1:                             # SDEdit: start from the reference's latents
+                init_latents = encode_slices(self.bundle.vae, torch.from_numpy(prepared.image)[:, None].to(
+                    self.device), self.cfg.vae.scale).float()
         timings["encode"] = time.perf_counter() - t1
 
         output = np.zeros(prepared.reference.shape, dtype=np.float32)
         windows = propagate(self._denoiser, mask_latents, informed_latent, plan, factory, generator,
                             batch_directions=switches.batch_directions, cancel=cancel,
-                            replace_known=switches.replace_known)
+                            replace_known=switches.replace_known, known_noise=switches.known_noise,
+                            init_latents=init_latents, strength=float(request.strength))
         t2 = time.perf_counter()
         for done, result in enumerate(windows, start=1):
             with self.autocast():
@@ -179,7 +185,7 @@ class Pipeline:
                        "provenance": self.bundle.info["provenance"]},
             "request": request.to_dict(),
             "seed": request.seed,
-            "sampler": {"name": sampler, "steps": steps, "eta": request.eta},
+            "sampler": {"name": sampler, "steps": steps, "eta": request.eta, "strength": request.strength},
             "conventions": conv.to_dict(),
             "device": str(self.device),
             "start_position": start_position,

@@ -83,6 +83,7 @@ class GenerateRequest:
     sampler: Optional[str] = None
     steps: Optional[int] = None
     eta: Optional[float] = None
+    strength: float = 1.0
     seed: int = 0
     overlap: int = 1
     device: str = "auto"
@@ -105,6 +106,9 @@ class GenerateRequest:
             problems.append(f"steps must be a positive integer, got {self.steps!r}")
         if self.eta is not None and not (_is_number(self.eta) and self.eta >= 0):
             problems.append(f"eta must be a non-negative number, got {self.eta!r}")
+        if not (_is_number(self.strength) and 0.0 < float(self.strength) <= 1.0):
+            problems.append(f"strength must be a number in (0, 1] (1: sample from noise; lower keeps more of "
+                            f"the reference), got {self.strength!r}")
         if not (_is_int(self.seed) and self.seed >= 0):
             problems.append(f"seed must be a non-negative integer, got {self.seed!r}")
         if not (_is_int(self.overlap) and self.overlap >= 1):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from gem3d.commands.generate import STRENGTH_HELP
 from gem3d.sampler_settings import SAMPLERS
 
 
@@ -100,15 +101,17 @@ def enhance(dataset, times, augment, out, bundle, sampler, steps, seed, device, 
 @click.option("--informed-slice", type=int, default=None, help="Its index along that scan's slice axis.")
 @click.option("--informed-position", type=click.FloatRange(0, 1), default=None,
               help="Or its normalised height (default: each case's first-window height).")
+@click.option("--strength", type=float, default=1.0, show_default=True,
+              help=STRENGTH_HELP + " Lower keeps each case's anatomy and removes less of its site's look.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output nnU-Net raw dataset.")
 @_sampling_options
-def harmonize(dataset, informed_from, informed_slice, informed_position, out, bundle, sampler, steps, seed, device,
-              overwrite):
+def harmonize(dataset, informed_from, informed_slice, informed_position, strength, out, bundle, sampler, steps,
+              seed, device, overwrite):
     """Generate every case from one fixed informed slice (dataset-level de-enhancement)."""
     from gem3d.dataset_generation import plan_harmonize
 
     def plan(source, out_dir):
         return plan_harmonize(source, out_dir, informed_from, informed_slice, informed_position, seed,
-                              sampler=sampler, steps=steps, device=device, overwrite=overwrite)
+                              sampler=sampler, steps=steps, strength=strength, device=device, overwrite=overwrite)
 
     _run(plan, dataset, out, bundle, device, "harmonisation", overwrite)

@@ -21,5 +21,8 @@ def demo(out, bundle, device, seed):
         raise click.ClickException(str(err))
     for name, path in summary["outputs"].items():
         click.echo(f"{name}: {path}")
-    click.echo(f"PSNR vs the true counterfactual: {summary['psnr_vs_true_counterfactual_db']} dB; "
+    scores = summary["scores"]
+    click.echo(f"PSNR vs the true counterfactual: {scores['volume_psnr_synthetic_db']} dB "
+               f"(the unedited reference: {scores['volume_psnr_do_nothing_db']} dB); inside the edited region "
+               f"{scores['edited_psnr_synthetic_db']} dB (unedited: {scores['edited_psnr_do_nothing_db']} dB); "
                f"generation {summary['timings']['total']:.1f} s")

@@ -10,6 +10,10 @@ from gem3d.bundle_format import DEMO_BUNDLE
 from gem3d.request import INFORMED_SOURCES, GenerateRequest, InformedSpec, RequestError
 from gem3d.sampler_settings import SAMPLERS
 
+STRENGTH_HELP = ("How far from the reference sampling starts (SDEdit): 1 samples from pure noise; lower "
+                 "starts from the reference's own latents noised part of the way and keeps more of the "
+                 "patient. In (0, 1].")
+
 
 def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
     """Run one request with a progress bar over windows; the `finished` event, or ClickException."""
@@ -56,6 +60,7 @@ def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
 @click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Default: dpm++ (fast).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Sampler steps (default 20 for dpm++).")
 @click.option("--eta", type=float, default=None, help="DDIM eta (ddim only).")
+@click.option("--strength", type=float, default=1.0, show_default=True, help=STRENGTH_HELP)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
@@ -69,7 +74,8 @@ def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
                    "exactly (VAE channel 0, LDM's final alpha-bar, posterior-sampled conditioning, slice-model "
                    "position at the start slice). README: 'Official conventions'.")
 def generate(bundle, mask, reference, informed, informed_from, informed_slice, informed_position, start, edits,
-             augment, sampler, steps, eta, seed, device, out, mask_out, overwrite, allow_empty_mask, conventions):
+             augment, sampler, steps, eta, strength, seed, device, out, mask_out, overwrite, allow_empty_mask,
+             conventions):
     """Generate a synthetic volume from a mask and an informed slice."""
     from gem3d.engine import Engine
     from gem3d.mask_edits import read_edits
@@ -80,7 +86,7 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
             reference=reference, mask=mask, out=out, mask_out=mask_out, bundle=bundle,
             informed=InformedSpec(informed, informed_from, informed_slice, informed_position),
             start=start, edits=read_edits(edits) if edits else [], augment=augment,
-            sampler=sampler, steps=steps, eta=eta, seed=seed, device=device, overwrite=overwrite,
+            sampler=sampler, steps=steps, eta=eta, strength=strength, seed=seed, device=device, overwrite=overwrite,
             allow_empty_mask=allow_empty_mask)
         if edits:  # the edits file is an input too
             check_outputs(request.outputs(), [edits], overwrite=True)

@@ -11,6 +11,9 @@ Wasserstein-1 distance (in intensity units, 0 = identical distributions):
 - ``seam``: the per-slice-pair profile d(z) = mean foreground |x[z+1] - x[z]| divided by
   the volume's median d: a seam is one pair with a large ratio, flicker a wide spread.
 ``seam_max_*`` (mean over volumes of max_z d(z) / median d) needs no reference at all.
+``stripe_ratio``: stripe index (`stripe_index`: power of differences along z over in-plane
+ones, pooled over volumes) of the synthetic volumes over the real ones' (1 = as striped as
+real scans; horizontal stripes in coronal/sagittal views push it up).
 Foreground: either voxel of a pair above 0.05. Voxel samples are thinned to at most
 `MAX_SAMPLES` per volume (evenly strided, so deterministic).
 """
@@ -67,6 +70,36 @@ def seam_profile(volume: np.ndarray) -> np.ndarray:
     return d / median if median > 0 else np.zeros_like(d)
 
 
+def stripe_profile(volume: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per slice pair z: (sum of squared differences along z, sum of squared in-plane
+    differences, mean of x and y) over voxels foreground in both slices. Horizontal stripes in
+    coronal and sagittal views are differences along z that the in-plane ones do not match."""
+    volume = np.asarray(volume, dtype=np.float64)
+    if volume.ndim != 3 or min(volume.shape) < 2:
+        raise ValueError(f"stripe index needs a (z, y, x) volume at least 2 voxels wide, got {volume.shape}")
+    v = volume[:, :-1, :-1]
+    keep = (v[1:] > FOREGROUND) & (v[:-1] > FOREGROUND)
+    dz = np.diff(v, axis=0)
+    dxy = (np.diff(volume, axis=2)[:-1, :-1] ** 2 + np.diff(volume, axis=1)[:-1, :, :-1] ** 2) / 2
+    return (dz ** 2 * keep).sum(axis=(1, 2)), (dxy * keep).sum(axis=(1, 2))
+
+
+def stripe_index(volume: np.ndarray) -> float:
+    """Power of the differences along z over the in-plane ones (`stripe_profile`): 1 for
+    isotropic texture or noise, larger when slices jump. Contrast cancels out, so a blurred or
+    low-contrast volume is compared fairly with a real one."""
+    along_z, in_plane = stripe_profile(volume)
+    if not in_plane.sum():
+        raise ValueError("stripe index: the volume has no foreground texture (no voxel pair above "
+                         f"{FOREGROUND} that varies in-plane)")
+    return float(along_z.sum() / in_plane.sum())
+
+
+def stripe_ratio(real: np.ndarray, synthetic: np.ndarray) -> float:
+    """`stripe_index` of ``synthetic`` over that of ``real`` (1: as striped as the real scan)."""
+    return stripe_index(synthetic) / stripe_index(real)
+
+
 class ConsistencyStats:
     """Collects the distributions of real and synthetic volumes; `distances()` compares them."""
 
@@ -74,6 +107,7 @@ class ConsistencyStats:
         self.samples: Dict[str, Dict[str, List[np.ndarray]]] = {
             side: {m: [] for m in MEASURES} for side in ("real", "synthetic")}
         self.seam_max: Dict[str, List[float]] = {"real": [], "synthetic": []}
+        self.stripe: Dict[str, np.ndarray] = {"real": np.zeros(2), "synthetic": np.zeros(2)}
 
     def add(self, side: str, volume: np.ndarray) -> None:
         volume = np.asarray(volume, dtype=np.float32)
@@ -84,6 +118,7 @@ class ConsistencyStats:
         profile = seam_profile(volume)
         s["seam"].append(profile.astype(np.float64))
         self.seam_max[side].append(float(profile.max()) if len(profile) else 0.0)
+        self.stripe[side] += [part.sum() for part in stripe_profile(volume)]
 
     def distances(self) -> Dict[str, float]:
         out = {}
@@ -94,4 +129,7 @@ class ConsistencyStats:
             out[f"{m}_w1"] = float(wasserstein_distance(real, synthetic))
         out["seam_max_real"] = float(np.mean(self.seam_max["real"]))
         out["seam_max_synthetic"] = float(np.mean(self.seam_max["synthetic"]))
+        (zs, ps), (zr, pr) = self.stripe["synthetic"], self.stripe["real"]
+        if ps > 0 and pr > 0 and zr > 0:               # undefined for volumes without texture
+            out["stripe_ratio"] = float((zs / ps) / (zr / pr))
         return out

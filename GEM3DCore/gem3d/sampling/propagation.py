@@ -7,11 +7,16 @@ clean after the last step), RePaint-style.  The timestep, never the step index, 
 noise level (the reference code's defect).
 
 The noise of a window comes from its own generator, seeded from the caller's generator in
-plan order, so batching the two directions changes nothing.  A known frame is noised with
-fixed noise (its own initial noise) at every step rather than fresh noise: its path then is
-the one a deterministic solver would follow for that frame, which keeps the model-output
-history of multistep solvers (DPM++, UniPC corrector) consistent; every step still sees
-the right marginal q(x_t | x_0).
+plan order, so batching the two directions changes nothing.  ``known_noise="fixed"`` (the
+default) noises a known frame with the same noise (its own initial noise) at every step: its
+path then is the one a deterministic solver would follow for that frame, which keeps the
+model-output history of multistep solvers (DPM++, UniPC corrector) consistent; every step
+still sees the right marginal q(x_t | x_0).  ``"fresh"`` draws new noise every step, as the
+paper (RePaint) does.
+
+``strength`` < 1 (SDEdit): every window starts from ``init_latents`` (the patient's own)
+noised to the timestep ``strength`` of the way up the schedule and runs only the steps from
+there, so a low strength keeps the patient and 1 (pure noise, every step) is plain sampling.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 
 from gem3d.sampling.plan import Window, WindowPlan
 
+KNOWN_NOISE = ("fixed", "fresh")
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -49,7 +55,16 @@ class Propagation:
                  scheduler_factory: Callable[[], object], generator: torch.Generator,
                  batch_directions: bool = True,
                  callback: Optional[Callable[[int, int], None]] = None,
-                 cancel: Optional[Callable[[], bool]] = None, replace_known: bool = True):
+                 cancel: Optional[Callable[[], bool]] = None, replace_known: bool = True,
+                 known_noise: str = "fixed", init_latents: Optional[torch.Tensor] = None,
+                 strength: float = 1.0):
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if strength < 1.0 and (init_latents is None or init_latents.shape[0] != plan.Z):
+            raise ValueError(f"strength {strength} < 1 starts from the volume's own latents: give "
+                             f"init_latents of {plan.Z} slices")
+        if known_noise not in KNOWN_NOISE:
+            raise ValueError(f"known_noise must be one of {', '.join(KNOWN_NOISE)}, got {known_noise!r}")
         if mask_latents.dim() != 4 or mask_latents.shape[0] != plan.Z:
             raise ValueError(f"mask latents must be (Z={plan.Z}, Cm, h, w), "
                              f"got {tuple(mask_latents.shape)}")
@@ -59,13 +74,16 @@ class Propagation:
         self.denoiser, self.plan = denoiser, plan
         self.mask_latents, self.informed_latent = mask_latents, informed_latent
         self.scheduler_factory, self.callback, self.cancel = scheduler_factory, callback, cancel
-        self.replace_known = replace_known
+        self.replace_known, self.fresh_noise = replace_known, known_noise == "fresh"
         self._groups = plan.rounds if batch_directions else [(w,) for w in plan.windows]
         self.volume = informed_latent.new_zeros((plan.Z,) + tuple(informed_latent.shape))
         seeds = torch.randint(0, 2 ** 62, (len(plan.windows),), generator=generator,
                               device=generator.device).tolist()
         self._seeds = dict(zip(plan.windows, seeds))
-        self.steps = len(scheduler_factory().timesteps)
+        self.init_latents = init_latents
+        all_steps = len(scheduler_factory().timesteps)
+        self.steps = all_steps if strength == 1.0 else max(1, round(strength * all_steps))
+        self._begin = all_steps - self.steps
         self._done = 0
         self._results = self._run()
 
@@ -95,16 +113,22 @@ class Propagation:
         like = self.informed_latent
         shape = (self.plan.n,) + tuple(like.shape)
         schedulers = [self.scheduler_factory() for _ in group]
-        timesteps = schedulers[0].timesteps
+        timesteps = schedulers[0].timesteps[self._begin:]
+        if self._begin:
+            for scheduler in schedulers:
+                if hasattr(scheduler, "set_begin_index"):       # multistep solvers count their steps
+                    scheduler.set_begin_index(self._begin)
         step_kwargs = []
-        samples, noises, cleans = [], [], []
+        samples, noises, cleans, generators = [], [], [], []
         for window, scheduler in zip(group, schedulers):
             gen = torch.Generator().manual_seed(self._seeds[window])
+            generators.append(gen)
             noise = torch.randn(shape, generator=gen).to(like)
             known = self._known(window)
             cleans.append(self.volume[window.start:window.stop][known])
             noises.append(noise[known])
-            samples.append(noise * scheduler.init_noise_sigma)
+            samples.append(noise * scheduler.init_noise_sigma if not self._begin else scheduler.add_noise(
+                self.init_latents[window.start:window.stop].to(like), noise, timesteps[:1]))
             _replace_known(scheduler, samples[-1], known, cleans[-1], noises[-1], timesteps[0])
             takes_generator = "generator" in inspect.signature(scheduler.step).parameters
             step_kwargs.append({"generator": gen} if takes_generator else {})
@@ -124,6 +148,8 @@ class Propagation:
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
             for b, (window, scheduler) in enumerate(zip(group, schedulers)):
                 x = scheduler.step(eps[b], t, samples[b], **step_kwargs[b]).prev_sample
+                if self.fresh_noise and len(noises[b]):
+                    noises[b] = torch.randn(noises[b].shape, generator=generators[b]).to(like)
                 _replace_known(scheduler, x, self._known(window), cleans[b], noises[b], t_next)
                 samples[b] = x
             self._done += 1
@@ -143,7 +169,9 @@ def propagate(denoiser: Denoiser, mask_latents: torch.Tensor, informed_latent: t
               plan: WindowPlan, scheduler_factory: Callable[[], object],
               generator: torch.Generator, batch_directions: bool = True,
               callback: Optional[Callable[[int, int], None]] = None,
-              cancel: Optional[Callable[[], bool]] = None, replace_known: bool = True) -> Propagation:
+              cancel: Optional[Callable[[], bool]] = None, replace_known: bool = True,
+              known_noise: str = "fixed", init_latents: Optional[torch.Tensor] = None,
+              strength: float = 1.0) -> Propagation:
     """Sample the latent volume window by window; iterate the result for ``WindowResult``s,
     read ``.volume`` at the end.
 
@@ -154,6 +182,9 @@ def propagate(denoiser: Denoiser, mask_latents: torch.Tensor, informed_latent: t
     ``replace_known=False`` is the paper's "without overlapped inpainting" ablation: already
     generated slices are not written back, so a window re-samples its overlap freely (the
     later version is kept); the informed slice still comes from the previous window.
+    ``known_noise``: "fixed" or "fresh" noise for the known frames; ``strength`` < 1 with
+    ``init_latents`` (Z, C, h, w): SDEdit from those latents (module docstring).
     """
     return Propagation(denoiser, mask_latents, informed_latent, plan, scheduler_factory,
-                       generator, batch_directions, callback, cancel, replace_known)
+                       generator, batch_directions, callback, cancel, replace_known, known_noise,
+                       init_latents, strength)
