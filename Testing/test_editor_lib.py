@@ -70,7 +70,6 @@ TISSUE = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^8
     ("edema", 2), ("Oedema", 2), ("ED", 2), ("peritumoral edema", 2), ("SNFH", 2),
     ("Necrosis", 1), ("necrotic core", 1), ("NCR", 1), ("NCR/NET", 1),
     ("enhancing", 4), ("Enhancing tumor", 4), ("ET", 4), ("enhancing tumour", 4),
-    ("Segment_4", 4), ("label 1", 1),
 ])
 def test_segment_names_and_synonyms_match_brats_labels(name, label):
     matches, unmatched = label_matching.match_segments([label_matching.SegmentInfo("s", name)], BRATS)
@@ -91,15 +90,14 @@ def test_terminology_type_codes_match_and_anatomic_region_does_not():
     assert label_matching.match_segments([edema_by_meaning], BRATS)[0][0].label == 2
 
 
-def test_unmatched_segments_are_reported_and_label_value_is_a_last_unambiguous_resort():
+def test_unmatched_segments_are_reported_and_never_mapped_by_label_value_or_number():
     segments = [label_matching.SegmentInfo("a", "tumour blob", label_value=2),
-                label_matching.SegmentInfo("b", "something", label_value=7),
-                label_matching.SegmentInfo("c", "thing one", label_value=1),
-                label_matching.SegmentInfo("d", "thing two", label_value=1)]
+                label_matching.SegmentInfo("b", "Segment_4", label_value=7),
+                label_matching.SegmentInfo("c", "label 1", label_value=1),
+                label_matching.SegmentInfo("d", "edema", label_value=1)]
     matches, unmatched = label_matching.match_segments(segments, BRATS)
-    assert [m.label for m in matches] == [2, None, None, None]
-    assert matches[0].reason == "label value"
-    assert [m.name for m in unmatched] == ["something", "thing one", "thing two"]
+    assert [m.label for m in matches] == [None, None, None, 2]
+    assert [m.name for m in unmatched] == ["tumour blob", "Segment_4", "label 1"]
 
 
 def test_bundle_label_names_are_matched_through_synonyms_too():

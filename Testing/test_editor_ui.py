@@ -232,7 +232,7 @@ def test_apis_newer_than_slicer_58_are_guarded():
 PURE_MODULES = ("batch", "dependencies", "edits", "export", "geometry", "job", "mask_history", "process", "settings",
                 "sink", "thumbnail")
 CONTRACT_MODULES = ("label_matching", "worker_client", "engine")  # gem3d's torch-free contract, no Slicer
-MRML_MODULES = ("headless", "install", "logic", "nodes", "output", "slice_views")
+MRML_MODULES = ("headless", "install", "logic", "nodes", "output", "sample_data", "slice_views")
 WIDGET_MODULES = ("panel", "parameters")  # Qt and parameterNodeWrapper: the Slicer application only
 
 

@@ -106,6 +106,8 @@ def set_segment_arrays(arrays: Dict[str, np.ndarray], segmentation_node, referen
     segmentation's own frame (the inverse of the parent transforms segment_array read through), each
     into its own layer: label values and layers stay as they were. The segments written together may
     take each other's old voxels (a lesion moved as one); other segments are never overwritten.
+    Only the reference's field of view changes: a segment's voxels outside it are kept (MODE_REPLACE
+    clears the whole segment, so they are put back after the write).
 
     slicer.util.updateSegmentBinaryLabelmapFromArray does neither: it applies the transform the
     wrong way and moves the segment into a new layer with label value 1."""
@@ -114,17 +116,55 @@ def set_segment_arrays(arrays: Dict[str, np.ndarray], segmentation_node, referen
     slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
         reference_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(),
         segmentation_from_reference)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    for segment_id, array in arrays.items():
+
+    def in_segmentation_frame(array):
         image = slicer.vtkOrientedImageData()
         image_data_from_array((np.asarray(array) > 0).astype(np.uint8), image)
         image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference_node)))
         if transformed:
             slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, segmentation_from_reference)
+        return image
+
+    field_of_view = in_segmentation_frame(np.ones(np.shape(next(iter(arrays.values()))), np.uint8)) \
+        if arrays else None
+    outside = {segment_id: _voxels_outside(segmentation_node, segment_id, field_of_view) for segment_id in arrays}
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    for segment_id, array in arrays.items():
+        image = in_segmentation_frame(array)
         others = [other for other in arrays if other != segment_id]
         if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE,
                                                 image.GetExtent(), False, others):
             raise ValueError(f"cannot write segment {segment_id!r} of {segmentation_node.GetName()}")
+    for segment_id, image in outside.items():
+        if image is not None and not logic.SetBinaryLabelmapToSegment(
+                image, segmentation_node, segment_id, logic.MODE_MERGE_MAX, image.GetExtent()):
+            raise ValueError(f"cannot keep segment {segment_id!r} of {segmentation_node.GetName()} outside the "
+                             "reference scan")
+
+
+def _voxels_outside(segmentation_node, segment_id: str, field_of_view):
+    """The segment's voxels (in its own geometry) that lie outside the field of view, or None if none do.
+    They carry the segment's label value: MODE_MERGE_MAX takes the maximum with the shared layer's values."""
+    current = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current)
+    if current.GetPointData().GetScalars() is None or current.GetNumberOfPoints() == 0:
+        return None
+    inside = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        field_of_view, current, inside, False, False)
+    shape = current.GetDimensions()[::-1]
+    kept = (numpy_support.vtk_to_numpy(current.GetPointData().GetScalars()).reshape(shape) > 0) & \
+        (numpy_support.vtk_to_numpy(inside.GetPointData().GetScalars()).reshape(shape) == 0)
+    if not kept.any():
+        return None
+    label_value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    image = slicer.vtkOrientedImageData()
+    image_data_from_array(kept.astype(np.uint8) * np.uint8(label_value), image)
+    image.SetExtent(current.GetExtent())
+    matrix = vtk.vtkMatrix4x4()
+    current.GetImageToWorldMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    return image
 
 
 def _remove_with_display(scene, node) -> None:
