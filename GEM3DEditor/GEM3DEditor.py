@@ -267,7 +267,7 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGenerate(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the generation."), waitCursor=True):
-            if not (p.serverURL.strip() or install.ensure_dependencies(p.enginePython)):
+            if not (p.serverURL.strip() or install.ensure_dependencies(p.enginePython, device=p.device.value)):
                 return  # a remote engine needs nothing installed here
             outputNode = self.logic.start_generation(
                 generate_settings(p, self.ui.serverTokenLineEdit.text), p.referenceVolume, p.segmentation, panel.table_mapping(self.ui.labelMappingTable),
@@ -277,9 +277,10 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onBatchRun(self) -> None:
+        p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the batch run."), waitCursor=True):
-            if install.ensure_dependencies(self._parameterNode.enginePython):
-                self.logic.start_batch(batch_settings(self._parameterNode))
+            if install.ensure_dependencies(p.enginePython, device=p.device.value):
+                self.logic.start_batch(batch_settings(p))
                 self._timer.start()
         self.updateButtons()
 

@@ -5,6 +5,7 @@ the stdio protocol (docs/worker-protocol.md) and can crash or ignore cancel requ
 """
 import json
 import os
+import re
 import sys
 import textwrap
 import time
@@ -349,6 +350,38 @@ def test_missing_dependencies_are_listed_and_torch_goes_apart():
     assert dependencies.loaded_distributions(["yaml", "os"]) == ["PyYAML"]
     assert dependencies.pins({"numpy": "1.26.4"}) == ["numpy==1.26.4"]
     assert dependencies.changed({"numpy": "1.0", "scipy": "1.1"}, {"numpy": "2.0", "scipy": "1.1"}) == ["numpy"]
+
+
+def pytorch_utils_arguments(backend, version):
+    """The signature of PyTorchUtilsLogic._getPipInstallArguments (SlicerPyTorch): its own set of packages."""
+    return ["install", "torch" + version, "torchvision"] + ([f"--pytorch-computation-backend={backend}"]
+                                                            if backend else [])
+
+
+def test_torch_goes_through_the_pytorch_extension_where_installed_else_light_the_torch():
+    req = "torch>=2.1,<3"
+    assert dependencies.torch_install_arguments(req) == ["install", "torch>=2.1,<3"]
+    assert dependencies.torch_install_arguments(req, "cpu") == ["install", "torch>=2.1,<3",
+                                                                "--pytorch-computation-backend=cpu"]
+    assert dependencies.torch_install_arguments(req, "cuda", pytorch_utils_arguments) == \
+        ["install", "torch>=2.1,<3", "torchvision"]
+    assert dependencies.torch_install_arguments(req, "cpu", pytorch_utils_arguments)[-1] == \
+        "--pytorch-computation-backend=cpu"
+
+
+def test_a_shared_torch_outside_the_bounds_is_not_replaced_behind_the_pytorch_extension():
+    req = "torch>=2.1,<2.9"
+    problem = dependencies.shared_torch_problem("2.9.1+cu126", req, pytorch_extension=True)
+    assert "PyTorch 2.9.1+cu126" in problem and "PyTorch Utils" in problem
+    assert dependencies.shared_torch_problem("2.8.0", req, pytorch_extension=True) is None
+    assert dependencies.shared_torch_problem("2.9.1", req, pytorch_extension=False) is None  # ours to replace
+    assert dependencies.shared_torch_problem(None, req, pytorch_extension=True) is None
+
+
+def test_the_installer_never_imports_torch_into_slicer():
+    source = (ROOT / "GEM3DEditor" / "GEM3DEditorLib" / "install.py").read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(import torch|from torch)", source, re.M)
+    assert "installTorch(" not in source and "torchInstalled(" not in source and '"-m", "light_the_torch"' in source
 
 
 def test_batch_commands(tmp_path, job_files):
