@@ -2,7 +2,8 @@
 on the code before its fix:
 
 1. an edit on a reference with a smaller field of view than the segmentation dropped the segment's
-   voxels outside it, for good (undo restored only the reference grid);
+   voxels outside it, for good (undo restored only the reference grid): such an edit is now refused,
+   and writes on a smaller grid (undo) keep the voxels outside it;
 2. a server URL without http:// was refused after the output node and job folder were made and the
    previous engine was closed;
 3. a reference with fewer slices than the bundle's window was refused by the worker, and failed or
@@ -87,29 +88,34 @@ def scene_state(headless, work):
     return headless.scene.GetNumberOfNodes(), sorted(p.name for p in work.iterdir())
 
 
-def test_edits_and_undo_keep_every_voxel_outside_the_reference_field_of_view(headless, phantom_case,
-                                                                             phantom_reference, tmp_path):
+def test_edits_and_undo_never_lose_voxels_outside_the_reference_field_of_view(headless, phantom_case,
+                                                                              phantom_reference, tmp_path):
     whole = phantom_reference(name="whole")
-    labels = np.asarray(phantom_case[1].array)
+    labels = np.asarray(phantom_case[1].array)  # the lesion spans i = 16..27
     segmentation = segmentation_from_labels(headless.scene, whole, labels,
                                             {1: "necrosis", 2: "edema", 4: "enhancing"})
-    reference = cropped(headless, phantom_case, tmp_path, stop_i=22)  # cuts the lesion (i 16..27)
     seg = segmentation.GetSegmentation()
     ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
     before = {i: nodes.segment_array(segmentation, i, whole) for i in ids}
     assert [int(a.sum()) for a in before.values()] == [int((labels == v).sum()) for v in (1, 2, 4)]
     logic = EditorLogic(headless.scene, headless.volumes_logic, str(tmp_path))
-    logic.edit_segments(segmentation, ids, reference, [edits.translate_ras([0.0, 0.0, 0.0])])
-    for i in ids:  # a 0 mm move changes nothing, inside or outside the reference
+
+    cut = cropped(headless, phantom_case, tmp_path, stop_i=22)  # cuts the lesion
+    edema = seg.GetSegmentIdBySegmentName("edema")
+    assert nodes.voxels_outside(segmentation, edema, cut) == int((labels[:, :, 22:] == 2).sum()) > 0
+    with pytest.raises(ValueError, match=r"^Segment 'necrosis' reaches outside crop \(\d+ voxels\): an edit"):
+        logic.edit_segments(segmentation, ids, cut, [edits.translate_ras([0.0, 0.0, 0.0])])
+    assert not logic.history.can_undo
+    nodes.set_segment_arrays({i: nodes.segment_array(segmentation, i, cut) for i in ids}, segmentation, cut)
+    for i in ids:  # a write on the smaller grid (what undo does) keeps the voxels outside it
         np.testing.assert_array_equal(nodes.segment_array(segmentation, i, whole), before[i])
-    spacing = np.linalg.norm(nodes.ijk_to_ras(reference)[:3, 1])
-    logic.edit_segments(segmentation, ids, reference, [edits.translate_ras([0.0, 0.0, 2 * spacing])])
-    after = {i: nodes.segment_array(segmentation, i, whole) for i in ids}
-    assert any(not np.array_equal(after[i], before[i]) for i in ids)
-    for i in ids:  # outside the reference nothing moved
-        np.testing.assert_array_equal(after[i][:, :, 22:], before[i][:, :, 22:])
-    logic.undo_redo(segmentation, reference, undo=True)
-    logic.undo_redo(segmentation, reference, undo=True)
+
+    inside = cropped(headless, phantom_case, tmp_path, stop_i=30, name="inside")  # holds the whole lesion
+    step = nodes.ijk_to_ras(inside)[:3, 0]
+    logic.edit_segments(segmentation, ids, inside, [edits.translate_ras(4 * step)])  # pushes i 27 to 31 > 29
+    moved = nodes.segment_array(segmentation, edema, whole)
+    assert 0 < int(moved.sum()) < int(before[edema].sum()) and not moved[:, :, 30:].any()
+    logic.undo_redo(segmentation, inside, undo=True)
     for i in ids:
         np.testing.assert_array_equal(nodes.segment_array(segmentation, i, whole), before[i])
     assert [seg.GetSegment(i).GetLabelValue() for i in ids] == [1, 2, 4] and seg.GetNumberOfLayers() == 1

@@ -153,7 +153,15 @@ class EditorLogic:
     def edit_segments(self, segmentation_node, segment_ids: List[str], reference_node, specs: List[dict],
                       seed: Optional[int] = None):
         """Apply mask edits to segments (moved as one lesion) on the reference's grid; recorded for undo.
-        Returns (applied specs, warnings)."""
+        Returns (applied specs, warnings). A segment that reaches outside the reference's field of view is
+        refused: moving its part inside would cut it in two."""
+        for segment_id in segment_ids:
+            outside = nodes.voxels_outside(segmentation_node, segment_id, reference_node)
+            if outside:
+                name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+                raise ValueError(f"Segment {name!r} reaches outside {reference_node.GetName()} ({outside} voxels): "
+                                 "an edit on this reference would cut it. Choose the scan it was drawn on as the "
+                                 "reference, or erase its part outside this one first.")
         arrays = {s: nodes.segment_array(segmentation_node, s, reference_node) for s in segment_ids}
         lps = geometry.geometry_from_ijk_to_ras(nodes.ijk_to_ras(reference_node))
         edited, applied, messages = edits.apply_to_segments(arrays, lps, specs, seed)

@@ -111,26 +111,10 @@ def set_segment_arrays(arrays: Dict[str, np.ndarray], segmentation_node, referen
 
     slicer.util.updateSegmentBinaryLabelmapFromArray does neither: it applies the transform the
     wrong way and moves the segment into a new layer with label value 1."""
-    segmentation_from_reference = vtk.vtkGeneralTransform()
-    transformed = reference_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
-        reference_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(),
-        segmentation_from_reference)
-
-    def in_segmentation_frame(array):
-        image = slicer.vtkOrientedImageData()
-        image_data_from_array((np.asarray(array) > 0).astype(np.uint8), image)
-        image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference_node)))
-        if transformed:
-            slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, segmentation_from_reference)
-        return image
-
-    field_of_view = in_segmentation_frame(np.ones(np.shape(next(iter(arrays.values()))), np.uint8)) \
-        if arrays else None
-    outside = {segment_id: _voxels_outside(segmentation_node, segment_id, field_of_view) for segment_id in arrays}
+    outside = {segment_id: _outside_image(segmentation_node, segment_id, reference_node) for segment_id in arrays}
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     for segment_id, array in arrays.items():
-        image = in_segmentation_frame(array)
+        image = _in_segmentation_frame(array, segmentation_node, reference_node)
         others = [other for other in arrays if other != segment_id]
         if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE,
                                                 image.GetExtent(), False, others):
@@ -142,24 +126,54 @@ def set_segment_arrays(arrays: Dict[str, np.ndarray], segmentation_node, referen
                              "reference scan")
 
 
-def _voxels_outside(segmentation_node, segment_id: str, field_of_view):
-    """The segment's voxels (in its own geometry) that lie outside the field of view, or None if none do.
-    They carry the segment's label value: MODE_MERGE_MAX takes the maximum with the shared layer's values."""
+def voxels_outside(segmentation_node, segment_id: str, reference_node) -> int:
+    """How many of the segment's voxels (in its own geometry) lie outside the reference's field of view."""
+    outside = _outside_mask(segmentation_node, segment_id, reference_node)
+    return 0 if outside is None else int(outside[0].sum())
+
+
+def _in_segmentation_frame(array: np.ndarray, segmentation_node, reference_node):
+    """A (k, j, i) array on the reference's grid as a binary vtkOrientedImageData in the segmentation's frame."""
+    image = slicer.vtkOrientedImageData()
+    image_data_from_array((np.asarray(array) > 0).astype(np.uint8), image)
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference_node)))
+    if reference_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode():
+        segmentation_from_reference = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+            reference_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(),
+            segmentation_from_reference)
+        slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, segmentation_from_reference)
+    return image
+
+
+def _outside_mask(segmentation_node, segment_id: str, reference_node):
+    """(binary (k, j, i) array of the segment's voxels outside the reference's field of view, the
+    segment's own labelmap it is laid on), or None when the segment is empty."""
     current = slicer.vtkOrientedImageData()
     segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current)
     if current.GetPointData().GetScalars() is None or current.GetNumberOfPoints() == 0:
         return None
+    field_of_view = _in_segmentation_frame(np.ones(slicer.util.arrayFromVolume(reference_node).shape, np.uint8),
+                                           segmentation_node, reference_node)
     inside = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
         field_of_view, current, inside, False, False)
     shape = current.GetDimensions()[::-1]
-    kept = (numpy_support.vtk_to_numpy(current.GetPointData().GetScalars()).reshape(shape) > 0) & \
+    outside = (numpy_support.vtk_to_numpy(current.GetPointData().GetScalars()).reshape(shape) > 0) & \
         (numpy_support.vtk_to_numpy(inside.GetPointData().GetScalars()).reshape(shape) == 0)
-    if not kept.any():
+    return outside, current
+
+
+def _outside_image(segmentation_node, segment_id: str, reference_node):
+    """The segment's voxels outside the field of view as an image to merge back, or None if there are none.
+    They carry the segment's label value: MODE_MERGE_MAX takes the maximum with the shared layer's values."""
+    found = _outside_mask(segmentation_node, segment_id, reference_node)
+    if found is None or not found[0].any():
         return None
+    outside, current = found
     label_value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
     image = slicer.vtkOrientedImageData()
-    image_data_from_array(kept.astype(np.uint8) * np.uint8(label_value), image)
+    image_data_from_array(outside.astype(np.uint8) * np.uint8(label_value), image)
     image.SetExtent(current.GetExtent())
     matrix = vtk.vtkMatrix4x4()
     current.GetImageToWorldMatrix(matrix)
