@@ -15,7 +15,7 @@ on the code before its fix:
 import numpy as np
 import pytest
 
-from mrml_fixtures import ROOT, headless, phantom_case, phantom_reference  # noqa: F401
+from mrml_fixtures import ROOT, headless, phantom_case, phantom_reference, segmentation_from_labels  # noqa: F401
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is in the test extra")
 
@@ -28,23 +28,6 @@ from GEM3DEditorLib.logic import EditorLogic  # noqa: E402
 from GEM3DEditorLib.settings import EngineSettings, GenerateSettings  # noqa: E402
 
 DEMO_BUNDLE = str(ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle")
-
-
-def segmentation_from_labels(scene, grid_node, labels: np.ndarray, names: dict, name="lesion"):
-    """Segments (one shared layer, label values kept) imported from a label array on grid_node's grid."""
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
-    labelmap.CopyOrientation(grid_node)
-    labelmap.SetAndObserveImageData(nodes.image_data_from_array(labels.astype(np.uint8)))
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    segmentation.CreateDefaultDisplayNodes()
-    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(grid_node)
-    image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
-    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, segmentation)
-    seg = segmentation.GetSegmentation()
-    for index in range(seg.GetNumberOfSegments()):
-        seg.GetNthSegment(index).SetName(names[seg.GetNthSegment(index).GetLabelValue()])
-    scene.RemoveNode(labelmap)
-    return segmentation
 
 
 def cropped(headless, phantom_case, tmp_path, stop_i=None, stop_k=None, name="crop"):
