@@ -116,10 +116,11 @@ def test_a_server_url_without_http_is_refused_before_anything_is_made_or_closed(
     logic = EditorLogic(headless.scene, headless.volumes_logic, str(work))
     logic.engine, logic._engine_key = previous, ("",)
     state = scene_state(headless, work)
-    settings = GenerateSettings(DEMO_BUNDLE, engine=EngineSettings(server_url="gpu-host:8000"))
-    with pytest.raises(ValueError, match="must start with http:// or https://"):
-        logic.start_generation(settings, reference, segmentation, mapping)
-    assert scene_state(headless, work) == state and not previous.closed and logic.engine is previous
+    for url in ("gpu-host:8000", "http://", "ftp://gpu-host"):
+        settings = GenerateSettings(DEMO_BUNDLE, engine=EngineSettings(server_url=url))
+        with pytest.raises(ValueError, match="must start with http:// or https:// and name a host"):
+            logic.start_generation(settings, reference, segmentation, mapping)
+        assert scene_state(headless, work) == state and not previous.closed and logic.engine is previous
 
 
 def test_too_few_slices_for_the_window_are_refused_before_the_engine_starts(headless, phantom_case, tmp_path):

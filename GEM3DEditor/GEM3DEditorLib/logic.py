@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 from typing import Callable, Dict, List, Optional
+from urllib.parse import urlsplit
 
 import numpy as np
 import slicer
@@ -227,8 +228,8 @@ class EditorLogic:
         if output_node is not None and not is_scalar_volume(output_node):
             raise ValueError(f"{output_node.GetName()} is not a scalar volume: choose another output volume.")
         url = settings.engine.server_url
-        if url and not url.lower().startswith(("http://", "https://")):
-            raise ValueError(f"The server URL {url!r} must start with http:// or https:// "
+        if url and (urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).hostname):
+            raise ValueError(f"The server URL {url!r} must start with http:// or https:// and name a host "
                              "(for example http://gpu-host:8000): correct it in the engine settings.")
         try:
             info = read_bundle_info(settings.bundle)
