@@ -68,7 +68,7 @@ class EditorLogic:
                  engine_factory: Optional[Callable[[EngineSettings], object]] = None,
                  startup_environment: Optional[Dict[str, str]] = None):
         """startup_environment: the environment Slicer was started from (slicer.util.startupEnvironment(),
-        which needs slicer.app: the Widget passes it); None: this process's own."""
+        which needs the application object: the Widget passes it); None: this process's own."""
         self.scene = scene
         self.startup_environment = startup_environment
         self.volumes_logic = volumes_logic
