@@ -16,7 +16,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from GEM3DEditorLib import install, label_matching, nodes, panel
+from GEM3DEditorLib import install, label_matching, panel, sample_data
 from GEM3DEditorLib.logic import EditorLogic, first_scalar_volume
 from GEM3DEditorLib.module_logic import ModuleLogic
 from GEM3DEditorLib.parameters import (BatchMode, GEM3DEditorParameterNode, InformedSource, batch_settings,
@@ -53,6 +53,8 @@ with a provenance record: it is not a patient scan and must not be used for diag
 """)
         self.parent.acknowledgementText = _('L. Zhu et al., "Generative Enhancement for 3D Medical Images" '
                                             "(GEM-3D), arXiv:2403.12852. Built on 3D Slicer, PyTorch, diffusers.")
+        slicer.app.connect("startupCompleted()", lambda: panel.register_sample_data(
+            os.path.join(MODULE_DIR, "Resources", "Icons", "GEM3DEditor.png")))
 
 
 class GEM3DEditorLogic(ScriptedLoadableModuleLogic):
@@ -63,9 +65,8 @@ class GEM3DEditorLogic(ScriptedLoadableModuleLogic):
 
 
 def newEditorLogic() -> EditorLogic:
-    folder = os.path.join(slicer.app.temporaryPath, "GEM3DEditor")
-    os.makedirs(folder, exist_ok=True)
-    return EditorLogic(slicer.mrmlScene, slicer.modules.volumes.logic(), folder, gem3dRoot())
+    return EditorLogic(slicer.mrmlScene, slicer.modules.volumes.logic(), panel.work_folder(), gem3dRoot(),
+                       startup_environment=slicer.util.startupEnvironment())
 
 
 class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -266,7 +267,7 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onGenerate(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the generation."), waitCursor=True):
-            if not (p.serverURL.strip() or install.ensure_dependencies(p.enginePython)):
+            if not (p.serverURL.strip() or install.ensure_dependencies(p.enginePython, device=p.device.value)):
                 return  # a remote engine needs nothing installed here
             outputNode = self.logic.start_generation(
                 generate_settings(p, self.ui.serverTokenLineEdit.text), p.referenceVolume, p.segmentation, panel.table_mapping(self.ui.labelMappingTable),
@@ -276,9 +277,10 @@ class GEM3DEditorWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onBatchRun(self) -> None:
+        p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Failed to start the batch run."), waitCursor=True):
-            if install.ensure_dependencies(self._parameterNode.enginePython):
-                self.logic.start_batch(batch_settings(self._parameterNode))
+            if install.ensure_dependencies(p.enginePython, device=p.device.value):
+                self.logic.start_batch(batch_settings(p))
                 self._timer.start()
         self.updateButtons()
 
@@ -320,16 +322,12 @@ class GEM3DEditorTest(ScriptedLoadableModuleTest):
         self.test_GenerateAndExport()
 
     def test_GenerateAndExport(self):
-        gem3dRoot()
-        from gem3d import phantom
-        from gem3d.io import read_description, read_volume, write_volume
+        from gem3d.io import read_description, read_volume
 
         folder = tempfile.mkdtemp(prefix="gem3d_test_")
-        for volume, name in zip(phantom.make_case("brain", seed=0, index=0, size=64, slices=32), ("image", "labels")):
-            write_volume(volume, os.path.join(folder, name + ".nrrd"))
         logic = newEditorLogic()
-        reference = nodes.load_volume(slicer.modules.volumes.logic(), os.path.join(folder, "image.nrrd"))
-        segmentation = nodes.load_segmentation(slicer.mrmlScene, os.path.join(folder, "labels.nrrd"))
+        reference, segmentation = sample_data.load_phantom_case(slicer.mrmlScene, slicer.modules.volumes.logic(),
+                                                                folder, size=64, slices=32)
         bundle = str(bundle_format.DEMO_BUNDLE)
         matches, _unmatched = label_matching.match_segments(logic.segment_infos(segmentation),
                                                             bundle_format.read_bundle_info(bundle).label_map.names)

@@ -65,28 +65,34 @@ def brats_segmentation(headless, phantom_case, tmp_path):
     imported from a labelmap on the reference's grid."""
     import slicer
 
-    from GEM3DEditorLib import nodes
-
     def make(reference):
-        labels = slicer.util.arrayFromVolume(reference).shape
-        array = np.asarray(phantom_case[1].array).astype(np.uint8)
-        assert array.shape == labels
-        labelmap = headless.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
-        labelmap.CopyOrientation(reference)
-        labelmap.SetAndObserveImageData(nodes.image_data_from_array(array))
-        segmentation = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
-        segmentation.CreateDefaultDisplayNodes()
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
-        image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
-        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, segmentation)
-        seg = segmentation.GetSegmentation()
-        for i in range(seg.GetNumberOfSegments()):
-            segment = seg.GetNthSegment(i)
-            segment.SetName(BRATS[segment.GetLabelValue()])
-        headless.scene.RemoveNode(labelmap)
-        return segmentation
+        array = np.asarray(phantom_case[1].array)
+        assert array.shape == slicer.util.arrayFromVolume(reference).shape
+        return segmentation_from_labels(headless.scene, reference, array, BRATS)
 
     return make
+
+
+def segmentation_from_labels(scene, grid_node, labels: np.ndarray, names: dict, name="lesion"):
+    """Segments of one shared layer (label values kept, named by `names`) imported from a label array
+    on grid_node's grid."""
+    import slicer
+
+    from GEM3DEditorLib import nodes
+
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    labelmap.CopyOrientation(grid_node)
+    labelmap.SetAndObserveImageData(nodes.image_data_from_array(np.asarray(labels).astype(np.uint8)))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.CreateDefaultDisplayNodes()
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(grid_node)
+    image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(labelmap)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(image, segmentation)
+    seg = segmentation.GetSegmentation()
+    for index in range(seg.GetNumberOfSegments()):
+        seg.GetNthSegment(index).SetName(names[seg.GetNthSegment(index).GetLabelValue()])
+    scene.RemoveNode(labelmap)
+    return segmentation
 
 
 def lesion_world_centroid(segmentation, segment_id, reference):

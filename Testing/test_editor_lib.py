@@ -5,6 +5,7 @@ the stdio protocol (docs/worker-protocol.md) and can crash or ignore cancel requ
 """
 import json
 import os
+import re
 import sys
 import textwrap
 import time
@@ -70,7 +71,6 @@ TISSUE = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^8
     ("edema", 2), ("Oedema", 2), ("ED", 2), ("peritumoral edema", 2), ("SNFH", 2),
     ("Necrosis", 1), ("necrotic core", 1), ("NCR", 1), ("NCR/NET", 1),
     ("enhancing", 4), ("Enhancing tumor", 4), ("ET", 4), ("enhancing tumour", 4),
-    ("Segment_4", 4), ("label 1", 1),
 ])
 def test_segment_names_and_synonyms_match_brats_labels(name, label):
     matches, unmatched = label_matching.match_segments([label_matching.SegmentInfo("s", name)], BRATS)
@@ -91,15 +91,14 @@ def test_terminology_type_codes_match_and_anatomic_region_does_not():
     assert label_matching.match_segments([edema_by_meaning], BRATS)[0][0].label == 2
 
 
-def test_unmatched_segments_are_reported_and_label_value_is_a_last_unambiguous_resort():
+def test_unmatched_segments_are_reported_and_never_mapped_by_label_value_or_number():
     segments = [label_matching.SegmentInfo("a", "tumour blob", label_value=2),
-                label_matching.SegmentInfo("b", "something", label_value=7),
-                label_matching.SegmentInfo("c", "thing one", label_value=1),
-                label_matching.SegmentInfo("d", "thing two", label_value=1)]
+                label_matching.SegmentInfo("b", "Segment_4", label_value=7),
+                label_matching.SegmentInfo("c", "label 1", label_value=1),
+                label_matching.SegmentInfo("d", "edema", label_value=1)]
     matches, unmatched = label_matching.match_segments(segments, BRATS)
-    assert [m.label for m in matches] == [2, None, None, None]
-    assert matches[0].reason == "label value"
-    assert [m.name for m in unmatched] == ["something", "thing one", "thing two"]
+    assert [m.label for m in matches] == [None, None, None, 2]
+    assert [m.name for m in unmatched] == ["tumour blob", "Segment_4", "label 1"]
 
 
 def test_bundle_label_names_are_matched_through_synonyms_too():
@@ -347,6 +346,38 @@ def test_missing_dependencies_are_listed_and_torch_goes_apart():
     assert dependencies.loaded_distributions(["yaml", "os"]) == ["PyYAML"]
     assert dependencies.pins({"numpy": "1.26.4"}) == ["numpy==1.26.4"]
     assert dependencies.changed({"numpy": "1.0", "scipy": "1.1"}, {"numpy": "2.0", "scipy": "1.1"}) == ["numpy"]
+
+
+def pytorch_utils_arguments(backend, version):
+    """The signature of PyTorchUtilsLogic._getPipInstallArguments (SlicerPyTorch): its own set of packages."""
+    return ["install", "torch" + version, "torchvision"] + ([f"--pytorch-computation-backend={backend}"]
+                                                            if backend else [])
+
+
+def test_torch_goes_through_the_pytorch_extension_where_installed_else_light_the_torch():
+    req = "torch>=2.1,<3"
+    assert dependencies.torch_install_arguments(req) == ["install", "torch>=2.1,<3"]
+    assert dependencies.torch_install_arguments(req, "cpu") == ["install", "torch>=2.1,<3",
+                                                                "--pytorch-computation-backend=cpu"]
+    assert dependencies.torch_install_arguments(req, "cuda", pytorch_utils_arguments) == \
+        ["install", "torch>=2.1,<3", "torchvision"]
+    assert dependencies.torch_install_arguments(req, "cpu", pytorch_utils_arguments)[-1] == \
+        "--pytorch-computation-backend=cpu"
+
+
+def test_a_shared_torch_outside_the_bounds_is_not_replaced_behind_the_pytorch_extension():
+    req = "torch>=2.1,<2.9"
+    problem = dependencies.shared_torch_problem("2.9.1+cu126", req, pytorch_extension=True)
+    assert "PyTorch 2.9.1+cu126" in problem and "PyTorch Utils" in problem
+    assert dependencies.shared_torch_problem("2.8.0", req, pytorch_extension=True) is None
+    assert dependencies.shared_torch_problem("2.9.1", req, pytorch_extension=False) is None  # ours to replace
+    assert dependencies.shared_torch_problem(None, req, pytorch_extension=True) is None
+
+
+def test_the_installer_never_imports_torch_into_slicer():
+    source = (ROOT / "GEM3DEditor" / "GEM3DEditorLib" / "install.py").read_text(encoding="utf-8")
+    assert not re.search(r"^\s*(import torch|from torch)", source, re.M)
+    assert "installTorch(" not in source and "torchInstalled(" not in source and '"-m", "light_the_torch"' in source
 
 
 def test_batch_commands(tmp_path, job_files):

@@ -232,7 +232,7 @@ def test_apis_newer_than_slicer_58_are_guarded():
 PURE_MODULES = ("batch", "dependencies", "edits", "export", "geometry", "mask_history", "settings",
                 "sink", "thumbnail")
 CONTRACT_MODULES = ("job", "label_matching", "module_logic", "process")  # gem3d's torch-free contract, no Slicer
-MRML_MODULES = ("headless", "install", "logic", "nodes", "output", "slice_views")
+MRML_MODULES = ("headless", "install", "logic", "nodes", "output", "sample_data", "slice_views")
 WIDGET_MODULES = ("panel", "parameters")  # Qt and parameterNodeWrapper: the Slicer application only
 
 

@@ -48,7 +48,9 @@ PYTHON39_OVERRIDES: Dict[str, str] = {
 # What Export needs in Slicer's own Python even when a user-chosen Python runs the engine.
 EXPORT_PACKAGES = ("SimpleITK", "slicerio", "nrrd")
 
-# Installed separately: PyTorchUtils (PyTorch extension) picks the CUDA build that fits the driver.
+# Installed separately, with light-the-torch (it picks the CUDA build that fits the driver): through
+# the PyTorch extension's PyTorchUtils where it is installed (the torch it shares with other AI
+# extensions), else directly. Never imported into Slicer's GUI process.
 TORCH = "torch"
 
 # Packages Slicer has already imported: pip must not replace them under a running Slicer.
@@ -120,6 +122,30 @@ def split_torch(missing: Iterable[Tuple[str, str]]) -> Tuple[Optional[str], List
         else:
             others.append(requirement)
     return torch, others
+
+
+def torch_install_arguments(requirement: str, device: str = "auto",
+                            pytorch_utils_arguments: Optional[Callable[[Optional[str], str], List[str]]] = None
+                            ) -> List[str]:
+    """light-the-torch's arguments for the torch `requirement`. With the PyTorch extension,
+    `pytorch_utils_arguments` (PyTorchUtilsLogic._getPipInstallArguments: its package set and
+    computation-backend option) builds them; the "cpu" device asks for the CPU build (no CUDA
+    download), any other lets light-the-torch pick the build for the driver, as the extension's
+    "automatic" does."""
+    backend = "cpu" if device == "cpu" else None
+    if pytorch_utils_arguments is not None:
+        return list(pytorch_utils_arguments(backend, requirement[len(distribution_name(requirement)):]))
+    return ["install", requirement] + ([f"--pytorch-computation-backend={backend}"] if backend else [])
+
+
+def shared_torch_problem(installed: Optional[str], requirement: str, pytorch_extension: bool) -> Optional[str]:
+    """Why the installed torch cannot be used, when the PyTorch extension manages it (it is shared with
+    other AI extensions, so it is not replaced behind their back); None when it fits or is absent, or
+    without the extension (then the module installs its own)."""
+    if installed is None or not pytorch_extension or satisfies(installed, requirement):
+        return None
+    return (f"PyTorch {installed} (installed by the PyTorch extension) is outside what GEM-3D needs ({requirement}): "
+            "install a fitting version in the PyTorch Utils module, restart Slicer and try again.")
 
 
 def distribution_name(requirement: str) -> str:

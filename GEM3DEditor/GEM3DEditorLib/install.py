@@ -3,9 +3,10 @@ in testing mode).
 
 Slicer 5.12+ has slicer.packaging.pip_ensure (with constraints that keep the packages Slicer has
 loaded); 5.8-5.11 have only slicer.util.pip_install. Nothing imports slicer.packaging at startup,
-so it is imported here explicitly. torch is installed with light-the-torch (as the PyTorch
-extension does: it picks the CUDA build for the driver) in a child process, and never imported
-into Slicer's GUI process: the engine runs in its own process.
+so it is imported here explicitly. torch is installed with light-the-torch in a child process, with
+the PyTorch extension's arguments (PyTorchUtils) where that extension is installed, and never
+imported into Slicer's GUI process: the engine runs in its own process. (PyTorchUtilsLogic.installTorch
+and torchInstalled import torch, so they are not called.)
 """
 import importlib
 import os
@@ -37,11 +38,18 @@ def needed(engine_python: str = "", export_only: bool = False) -> List[tuple]:
     return dependencies.missing_packages(requirements=table)
 
 
-def ensure_dependencies(engine_python: str = "", export_only: bool = False, confirm=None) -> bool:
+def ensure_dependencies(engine_python: str = "", export_only: bool = False, confirm=None,
+                        device: str = "auto") -> bool:
     """True when generation (or Export) can start. Asks before installing (`confirm`, default: a
     dialog) and offers a restart after; in testing mode it installs nothing and says what is missing
     (a self-test must not download gigabytes)."""
     missing = needed(engine_python, export_only)
+    torch_requirement, others = dependencies.split_torch(missing)
+    problem = torch_requirement and dependencies.shared_torch_problem(
+        dependencies.installed_versions([dependencies.TORCH]).get(dependencies.TORCH), torch_requirement,
+        pytorch_utils_logic() is not None)
+    if problem:
+        raise RuntimeError(problem)
     if not missing:
         return True
     if slicer.app.testingEnabled():
@@ -50,10 +58,9 @@ def ensure_dependencies(engine_python: str = "", export_only: bool = False, conf
     if not (confirm or ask)(dependencies.describe(missing)):
         return False
     loaded = dependencies.installed_versions(dependencies.loaded_distributions(sys.modules))
-    torch_requirement, others = dependencies.split_torch(missing)
     slicer.util.showStatusMessage("Installing Python packages for GEM-3D Editor...")
     if torch_requirement:
-        install_torch(torch_requirement)
+        install_torch(torch_requirement, device)
     if others:
         install_packages(others, dependencies.pins(loaded))
     importlib.invalidate_caches()
@@ -73,15 +80,24 @@ def ask(details: str) -> bool:
         windowTitle=REQUESTER, detailedText=details)
 
 
-def install_torch(requirement: str) -> None:
-    """torch through light-the-torch (what the PyTorch extension uses: it picks the CUDA build for
-    the driver), run as `PythonSlicer -m light_the_torch install ...` in a child process, so torch
-    is never imported into Slicer's GUI process (PyTorchUtilsLogic.installTorch imports it)."""
+def pytorch_utils_logic():
+    """The PyTorch extension's PyTorchUtilsLogic class, or None when that extension is not installed."""
+    try:
+        return importlib.import_module("PyTorchUtils").PyTorchUtilsLogic
+    except ImportError:
+        return None
+
+
+def install_torch(requirement: str, device: str = "auto") -> None:
+    """torch through light-the-torch, run as `PythonSlicer -m light_the_torch ...` in a child process,
+    with the PyTorch extension's arguments where it is installed (dependencies.torch_install_arguments)."""
     from gem3d.worker_client import python_executable_default
 
+    utils = pytorch_utils_logic()
+    arguments = getattr(utils, "_getPipInstallArguments", None)
     slicer.util.pip_install("light-the-torch>=0.5")
-    process = slicer.util.launchConsoleProcess([python_executable_default(), "-m", "light_the_torch", "install",
-                                                requirement])
+    process = slicer.util.launchConsoleProcess([python_executable_default(), "-m", "light_the_torch"] +
+                                               dependencies.torch_install_arguments(requirement, device, arguments))
     slicer.util.logProcessOutput(process)  # raises CalledProcessError when the installation fails
 
 

@@ -1,15 +1,14 @@
 """Match a segmentation's segments to the labels of a model bundle's label map.
 
-A segment matches by, in this order: its name (exact or a known synonym: "necrotic core",
-"NCR" -> necrosis; names and spelling rule from gem3d.labels), its terminology (SNOMED CT
-codes or code meanings of Slicer's
-"TerminologyEntry" tag), a generic name that carries a number ("Segment_2", "label 4"), or its
-label value when that is unambiguous. Segments that match nothing are reported, never dropped
-silently. Then the matched segments are composed into one label volume.
+A segment matches by its name (exact or a known synonym: "necrotic core", "NCR" -> necrosis;
+names and spelling rule from gem3d.labels) or its terminology (SNOMED CT codes or code meanings
+of Slicer's "TerminologyEntry" tag). Never by label value or the number in "Segment_1": the
+Segment Editor numbers segments in creation order, so that would map them arbitrarily. Segments
+that match nothing are reported and left out until the user maps them. Then the matched segments
+are composed into one label volume.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -28,8 +27,6 @@ SNOMED_CODES: Dict[str, str] = {
     "78961009": "spleen",
     "15776009": "pancreas",
 }
-
-_GENERIC = re.compile(r"^(?:segment|label|class|structure)?\s*(\d+)$")
 
 
 def terminology_type(entry: str) -> Optional[Tuple[str, str, str]]:
@@ -100,24 +97,15 @@ def match_segment(segment: SegmentInfo, label_map: Dict[int, str],
         label = index.get(canonical) if canonical else _match_text(meaning, index)
         if label is not None:
             return Match(segment.segment_id, segment.name, label, f"terminology {scheme}:{code} {meaning}")
-    generic = _GENERIC.match(normalize(segment.name))
-    if generic and int(generic.group(1)) in label_map:
-        return Match(segment.segment_id, segment.name, int(generic.group(1)), "number in name")
     return Match(segment.segment_id, segment.name, None, "unmatched")
 
 
 def match_segments(segments: Sequence[SegmentInfo], label_map: Dict[int, str]
                    ) -> Tuple[List[Match], List[Match]]:
-    """(matches in segment order, the unmatched ones). Label value is the last resort and is used
-    only when exactly one unmatched segment carries that value."""
+    """(matches in segment order, the unmatched ones)."""
     label_map = {int(k): v for k, v in label_map.items()}
     index = bundle_label_index(label_map)
     matches = [match_segment(s, label_map, index) for s in segments]
-    values = [s.label_value for s, m in zip(segments, matches) if m.label is None]
-    for i, (segment, match) in enumerate(zip(segments, matches)):
-        value = segment.label_value
-        if match.label is None and value in label_map and values.count(value) == 1:
-            matches[i] = Match(segment.segment_id, segment.name, int(value), "label value")
     return matches, [m for m in matches if m.label is None]
 
 

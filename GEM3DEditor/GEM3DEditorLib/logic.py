@@ -8,7 +8,9 @@ Slicer); the engine is any `gem3d.events.EngineClient` (the stdio worker's, or a
 import json
 import logging
 import os
+import shutil
 from typing import Callable, Dict, List, Optional
+from urllib.parse import urlsplit
 
 import numpy as np
 import slicer
@@ -20,14 +22,35 @@ from gem3d.request import GenerateRequest, InformedSpec, RequestError, new_job_i
 from gem3d.worker_client import WorkerClient, environment_with_path, python_executable_default, worker_command
 
 from . import batch, edits, export, geometry, label_matching, nodes, output, process
-from .job import JobKind, JobState, reduce
+from .job import EventKind, JobKind, JobState, event_kind, reduce
 from .mask_history import MaskHistory
 from .settings import BatchSettings, EngineSettings, GenerateSettings
 
 
 def is_scalar_volume(node) -> bool:
-    """A scalar volume that is not a labelmap (GetFirstNodeByClass("vtkMRMLScalarVolumeNode") can pick one)."""
-    return node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
+    """A scalar volume that is not a labelmap (GetFirstNodeByClass("vtkMRMLScalarVolumeNode") can pick one)
+    nor a vector (RGB) volume, whose class derives from it too."""
+    return node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode") \
+        and not node.IsA("vtkMRMLVectorVolumeNode") and _components(node) == 1
+
+
+def _components(node) -> int:
+    image = node.GetImageData()
+    return image.GetNumberOfScalarComponents() if image is not None else 1
+
+
+def scan_problem(node, role: str) -> Optional[str]:
+    """Why a node cannot be the scan in this role, as one sentence, or None."""
+    if node is None:
+        return f"Select the {role}."
+    if is_scalar_volume(node):
+        return None
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return f"{node.GetName()} is a labelmap: select a scan (a scalar volume) as the {role}."
+    if node.IsA("vtkMRMLScalarVolumeNode"):
+        return (f"{node.GetName()} has {_components(node)} components per voxel (a vector or RGB volume): "
+                f"select a greyscale scan as the {role}, or convert it with Vector to Scalar Volume.")
+    return f"{node.GetName()} is not a volume: select a scan as the {role}."
 
 
 def first_scalar_volume(scene):
@@ -42,8 +65,12 @@ class EditorLogic:
     """Owns the one generation and the one batch run that may be going on, and the mask history."""
 
     def __init__(self, scene, volumes_logic, work_folder: str, gem3d_root: Optional[str] = None,
-                 client_factory: Optional[Callable[[EngineSettings], EngineClient]] = None):
+                 client_factory: Optional[Callable[[EngineSettings], EngineClient]] = None,
+                 startup_environment: Optional[Dict[str, str]] = None):
+        """startup_environment: the environment Slicer was started from (slicer.util.startupEnvironment(),
+        which needs the application object: the Widget passes it); None: this process's own."""
         self.scene = scene
+        self.startup_environment = startup_environment
         self.volumes_logic = volumes_logic
         self.work_folder = work_folder
         self.gem3d_root = gem3d_root
@@ -76,7 +103,7 @@ class EditorLogic:
     def engine_environment(self, engine_python: str = "") -> Dict[str, str]:
         """PythonSlicer runs in Slicer's environment; another Python in the one Slicer was started from.
         Both find the gem3d package shipped with the module first."""
-        base = slicer.util.startupEnvironment() if engine_python.strip() else None
+        base = self.startup_environment if engine_python.strip() else None
         return environment_with_path(base, [self.gem3d_root] if self.gem3d_root else [])
 
     def _new_client(self, settings: EngineSettings) -> EngineClient:
@@ -132,7 +159,15 @@ class EditorLogic:
     def edit_segments(self, segmentation_node, segment_ids: List[str], reference_node, specs: List[dict],
                       seed: Optional[int] = None):
         """Apply mask edits to segments (moved as one lesion) on the reference's grid; recorded for undo.
-        Returns (applied specs, warnings)."""
+        Returns (applied specs, warnings). A segment that reaches outside the reference's field of view is
+        refused: moving its part inside would cut it in two."""
+        for segment_id in segment_ids:
+            outside = nodes.voxels_outside(segmentation_node, segment_id, reference_node)
+            if outside:
+                name = segmentation_node.GetSegmentation().GetSegment(segment_id).GetName()
+                raise ValueError(f"Segment {name!r} reaches outside {reference_node.GetName()} ({outside} voxels): "
+                                 "an edit on this reference would cut it. Choose the scan it was drawn on as the "
+                                 "reference, or erase its part outside this one first.")
         arrays = {s: nodes.segment_array(segmentation_node, s, reference_node) for s in segment_ids}
         lps = geometry.geometry_from_ijk_to_ras(nodes.ijk_to_ras(reference_node))
         edited, applied, messages = edits.apply_to_segments(arrays, lps, specs, seed)
@@ -155,24 +190,81 @@ class EditorLogic:
     # ------------------------------------------------------------------ generate
     def start_generation(self, settings: GenerateSettings, reference_node, segmentation_node,
                          mapping: Dict[str, int], informed_node=None, output_node=None):
-        """Write the inputs, send the request and prepare the output node; returns the output node.
+        """Check everything that can be checked from the scene and bundle.json, then write the inputs,
+        send the request and prepare the output node; returns the output node. Nothing is made or
+        closed (job folder, output node, previous engine) before every check has passed.
         Call process_events() (a QTimer does) until the job is done."""
+        info, mask = self._check_generation(settings, reference_node, segmentation_node, mapping, informed_node,
+                                            output_node)
+        job_id = new_job_id()
+        paths = job_paths(self.work_folder, job_id)
+        os.makedirs(paths["folder"])
+        try:
+            req = self._write_request(settings, job_id, paths, reference_node, mask, informed_node)
+            engine = settings.engine
+            self._client_for(engine).submit(req)
+        except Exception:
+            shutil.rmtree(paths["folder"], ignore_errors=True)
+            raise
+        made = output_node is None
+        output_node = output.prepare_output_node(reference_node, output_node)
+        self._stream = output.OutputStream(output_node, info.modality)
+        self.job = JobState(job_id, JobKind.GENERATE, status="Starting the GEM-3D engine...")
+        self._job_record = {"request": req, "paths": paths, "mapping": dict(mapping), "modality": info.modality,
+                            "mask_edits": self.history.applied_specs(), "segmentation": segmentation_node.GetName(),
+                            "reference_file": _stored_file(reference_node), "made_output": made,
+                            "keep_partial": settings.keep_partial}
+        self.last_output_node = output_node
+        return output_node
+
+    def _check_generation(self, settings: GenerateSettings, reference_node, segmentation_node, mapping,
+                          informed_node, output_node):
+        """(bundle info, mask) or ValueError/RuntimeError with one sentence; makes and changes nothing."""
         if self.busy:
             raise RuntimeError("A generation is already running.")
-        if not is_scalar_volume(reference_node) or segmentation_node is None:
-            raise ValueError("Select a reference scan (a scalar volume, not a labelmap) and a segmentation.")
-        if settings.informed_source == "other" and not is_scalar_volume(informed_node):
-            raise ValueError("Select the scan that provides the informed slice.")
+        problem = scan_problem(reference_node, "reference scan") or \
+            (None if segmentation_node is not None else "Select a segmentation.")
+        if problem is None and settings.informed_source == "other":
+            problem = scan_problem(informed_node, "scan that provides the informed slice")
+        if problem:
+            raise ValueError(problem)
         if output_node is not None and output_node in (reference_node, informed_node):
             raise ValueError("The output volume must not be an input scan: choose another output volume.")
-        info = read_bundle_info(settings.bundle)
+        if output_node is not None and not is_scalar_volume(output_node):
+            raise ValueError(f"{output_node.GetName()} is not a scalar volume: choose another output volume.")
+        url = settings.engine.server_url
+        if url and (urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).hostname):
+            raise ValueError(f"The server URL {url!r} must start with http:// or https:// and name a host "
+                             "(for example http://gpu-host:8000): correct it in the engine settings.")
+        try:
+            info = read_bundle_info(settings.bundle)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"The model bundle {settings.bundle} cannot be read: {e}.") from e
+        shape = slicer.util.arrayFromVolume(reference_node).shape
+        axial = geometry.axial_axis(nodes.ijk_to_ras(reference_node), shape)
+        if axial.n_slices < info.window_length:
+            raise ValueError(f"{reference_node.GetName()} has {axial.n_slices} axial slices, fewer than the "
+                             f"model's window length {info.window_length}: choose a scan with at least "
+                             f"{info.window_length} slices.")
+        if settings.informed_source != "other" and not 0 <= int(settings.informed_slice) < axial.n_slices:
+            raise ValueError(f"The informed slice {settings.informed_slice} is outside {reference_node.GetName()}'s "
+                             f"{axial.n_slices} slices (0..{axial.n_slices - 1}).")
+        if settings.informed_source == "generated" and not info.has_slice_model:
+            raise ValueError(f"The bundle {info.name} has no slice model, so it cannot generate the informed "
+                             "slice: choose the reference or another scan as the informed source.")
+        unknown = sorted({label for label in mapping.values() if label and label not in info.label_map.names})
+        if unknown:
+            raise ValueError(f"Labels {unknown} are not in the bundle's label map {info.label_map}: map the "
+                             "segments again.")
         mask = self.compose_mask(segmentation_node, reference_node, mapping)
         if not mask.any():
             raise ValueError("No segment is mapped to a model label, or the mapped segments are empty: "
                              "the mask would be empty.")
-        job_id = new_job_id()
-        paths = job_paths(self.work_folder, job_id)
-        os.makedirs(paths["folder"])
+        return info, mask
+
+    def _write_request(self, settings: GenerateSettings, job_id: str, paths: Dict[str, str], reference_node,
+                       mask: np.ndarray, informed_node) -> dict:
+        """The job's input files and its request message."""
         nodes.write_volume(reference_node, paths["reference"])
         self._write_mask(mask, reference_node, paths["mask"])
         scan, index, position = None, int(settings.informed_slice), None
@@ -193,16 +285,7 @@ class EditorLogic:
                 raise RequestError("; ".join(problems))
         except RequestError as e:
             raise ValueError(f"The generation cannot start: {e}.") from e
-        req = req.to_message()
-        output_node = output.prepare_output_node(reference_node, output_node)
-        self._stream = output.OutputStream(output_node, info.modality)
-        self._client_for(engine).submit(req)
-        self.job = JobState(job_id, JobKind.GENERATE, status="Starting the GEM-3D engine...")
-        self._job_record = {"request": req, "paths": paths, "mapping": dict(mapping), "modality": info.modality,
-                            "mask_edits": self.history.applied_specs(), "segmentation": segmentation_node.GetName(),
-                            "reference_file": _stored_file(reference_node)}
-        self.last_output_node = output_node
-        return output_node
+        return req.to_message()
 
     def _write_mask(self, mask: np.ndarray, reference_node, path: str) -> None:
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__gem3d_mask__")
@@ -237,7 +320,25 @@ class EditorLogic:
                 self.client.cancel(self.job.job_id)
                 event = {"event": "error", "job_id": self.job.job_id, "message": str(e)}
             self.job = reduce(self.job, event)
+            if event_kind(event) in (EventKind.CANCELLED, EventKind.ERROR):
+                self._discard_unfinished()
         return events
+
+    def _discard_unfinished(self) -> None:
+        """A failed or cancelled job leaves no zero-filled node: an output node made for it is removed, unless
+        the user asked to keep partial results (then it is renamed so). A node the user chose is left as is."""
+        node, record = self._stream.node if self._stream else None, self._job_record
+        self._stream = None
+        if node is None or not record.get("made_output") or not self.scene.IsNodePresent(node):
+            return
+        if record.get("keep_partial"):
+            node.SetName(self.scene.GenerateUniqueName(node.GetName() + " (partial)"))
+            return
+        if self.last_output_node is node:
+            self.last_output_node = None
+        for index in reversed(range(node.GetNumberOfDisplayNodes())):
+            self.scene.RemoveNode(node.GetNthDisplayNode(index))
+        self.scene.RemoveNode(node)
 
     def _finish(self, event: dict) -> None:
         """The stream's result (the volume `finished` carries, as written to the output file) replaces

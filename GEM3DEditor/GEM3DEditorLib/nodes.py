@@ -106,25 +106,79 @@ def set_segment_arrays(arrays: Dict[str, np.ndarray], segmentation_node, referen
     segmentation's own frame (the inverse of the parent transforms segment_array read through), each
     into its own layer: label values and layers stay as they were. The segments written together may
     take each other's old voxels (a lesion moved as one); other segments are never overwritten.
+    Only the reference's field of view changes: a segment's voxels outside it are kept (MODE_REPLACE
+    clears the whole segment, so they are put back after the write).
 
     slicer.util.updateSegmentBinaryLabelmapFromArray does neither: it applies the transform the
     wrong way and moves the segment into a new layer with label value 1."""
-    segmentation_from_reference = vtk.vtkGeneralTransform()
-    transformed = reference_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode()
-    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
-        reference_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(),
-        segmentation_from_reference)
+    outside = {segment_id: _outside_image(segmentation_node, segment_id, reference_node) for segment_id in arrays}
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     for segment_id, array in arrays.items():
-        image = slicer.vtkOrientedImageData()
-        image_data_from_array((np.asarray(array) > 0).astype(np.uint8), image)
-        image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference_node)))
-        if transformed:
-            slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, segmentation_from_reference)
+        image = _in_segmentation_frame(array, segmentation_node, reference_node)
         others = [other for other in arrays if other != segment_id]
         if not logic.SetBinaryLabelmapToSegment(image, segmentation_node, segment_id, logic.MODE_REPLACE,
                                                 image.GetExtent(), False, others):
             raise ValueError(f"cannot write segment {segment_id!r} of {segmentation_node.GetName()}")
+    for segment_id, image in outside.items():
+        if image is not None and not logic.SetBinaryLabelmapToSegment(
+                image, segmentation_node, segment_id, logic.MODE_MERGE_MAX, image.GetExtent()):
+            raise ValueError(f"cannot keep segment {segment_id!r} of {segmentation_node.GetName()} outside the "
+                             "reference scan")
+
+
+def voxels_outside(segmentation_node, segment_id: str, reference_node) -> int:
+    """How many of the segment's voxels (in its own geometry) lie outside the reference's field of view."""
+    outside = _outside_mask(segmentation_node, segment_id, reference_node)
+    return 0 if outside is None else int(outside[0].sum())
+
+
+def _in_segmentation_frame(array: np.ndarray, segmentation_node, reference_node):
+    """A (k, j, i) array on the reference's grid as a binary vtkOrientedImageData in the segmentation's frame."""
+    image = slicer.vtkOrientedImageData()
+    image_data_from_array((np.asarray(array) > 0).astype(np.uint8), image)
+    image.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference_node)))
+    if reference_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode():
+        segmentation_from_reference = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(
+            reference_node.GetParentTransformNode(), segmentation_node.GetParentTransformNode(),
+            segmentation_from_reference)
+        slicer.vtkOrientedImageDataResample.TransformOrientedImage(image, segmentation_from_reference)
+    return image
+
+
+def _outside_mask(segmentation_node, segment_id: str, reference_node):
+    """(binary (k, j, i) array of the segment's voxels outside the reference's field of view, the
+    segment's own labelmap it is laid on), or None when the segment is empty."""
+    current = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, current)
+    if current.GetPointData().GetScalars() is None or current.GetNumberOfPoints() == 0:
+        return None
+    field_of_view = _in_segmentation_frame(np.ones(slicer.util.arrayFromVolume(reference_node).shape, np.uint8),
+                                           segmentation_node, reference_node)
+    inside = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        field_of_view, current, inside, False, False)
+    shape = current.GetDimensions()[::-1]
+    outside = (numpy_support.vtk_to_numpy(current.GetPointData().GetScalars()).reshape(shape) > 0) & \
+        (numpy_support.vtk_to_numpy(inside.GetPointData().GetScalars()).reshape(shape) == 0)
+    return outside, current
+
+
+def _outside_image(segmentation_node, segment_id: str, reference_node):
+    """The segment's voxels outside the field of view as an image to merge back, or None if there are none.
+    They carry the segment's label value: MODE_MERGE_MAX takes the maximum with the shared layer's values."""
+    found = _outside_mask(segmentation_node, segment_id, reference_node)
+    if found is None or not found[0].any():
+        return None
+    outside, current = found
+    label_value = segmentation_node.GetSegmentation().GetSegment(segment_id).GetLabelValue()
+    image = slicer.vtkOrientedImageData()
+    image_data_from_array(outside.astype(np.uint8) * np.uint8(label_value), image)
+    image.SetExtent(current.GetExtent())
+    matrix = vtk.vtkMatrix4x4()
+    current.GetImageToWorldMatrix(matrix)
+    image.SetImageToWorldMatrix(matrix)
+    return image
 
 
 def _remove_with_display(scene, node) -> None:

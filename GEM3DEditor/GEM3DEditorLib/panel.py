@@ -7,7 +7,7 @@ import numpy as np
 import qt
 import slicer
 
-from . import edits, geometry, label_matching, nodes, thumbnail
+from . import edits, geometry, label_matching, nodes, sample_data, thumbnail
 
 THUMBNAIL = os.path.join(tempfile.gettempdir(), f"gem3d_thumbnail_{os.getpid()}.pgm")
 SERVER_TOKEN_SETTING = "GEM3DEditor/ServerToken"  # application settings: a token never goes into a scene file
@@ -100,3 +100,25 @@ def connect_edit_buttons(ui, on_edit, modality) -> None:
     }
     for button, make in specs.items():
         button.connect("clicked(bool)", lambda checked=False, make=make: on_edit(make()))
+
+
+def work_folder() -> str:
+    """The module's folder for job inputs and outputs and the sample case, in Slicer's temporary folder."""
+    folder = os.path.join(slicer.app.temporaryPath, "GEM3DEditor")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def register_sample_data(thumbnail_file: str) -> None:
+    """The "GEM-3D phantom" entry of the Sample Data module: made here by gem3d, nothing downloaded."""
+    import SampleData
+
+    def load(source=None):
+        with slicer.util.tryWithErrorDisplay("The GEM-3D phantom could not be made.", waitCursor=True):
+            scan, _segmentation = sample_data.load_phantom_case(slicer.mrmlScene, slicer.modules.volumes.logic(),
+                                                                work_folder())
+            slicer.util.setSliceViewerLayers(background=scan, fit=True)
+
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category=sample_data.CATEGORY, sampleName=sample_data.SAMPLE_NAME, customDownloader=load,
+        thumbnailFileName=thumbnail_file)

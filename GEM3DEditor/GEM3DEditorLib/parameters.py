@@ -74,6 +74,7 @@ class GEM3DEditorParameterNode:
     enginePython: str = ""
     serverURL: str = ""
     outputVolume: vtkMRMLScalarVolumeNode
+    keepPartial: bool = False
     exportFolder: pathlib.Path
     exportFormat: ExportFormat = ExportFormat.NIFTI
     exportDicom: bool = False
@@ -100,7 +101,8 @@ def engine_settings(p: GEM3DEditorParameterNode, server_token: str = "") -> Engi
 
 def generate_settings(p: GEM3DEditorParameterNode, server_token: str = "") -> GenerateSettings:
     start = None if (p.startAtInformed and p.informedSource == InformedSource.SAME) else p.startPosition
-    return GenerateSettings(path_text(p.bundlePath), p.informedSource.value, p.informedSlice, start, engine_settings(p, server_token))
+    return GenerateSettings(path_text(p.bundlePath), p.informedSource.value, p.informedSlice, start,
+                            engine_settings(p, server_token), p.keepPartial)
 
 
 def batch_settings(p: GEM3DEditorParameterNode) -> BatchSettings:

@@ -28,6 +28,7 @@ class GenerateSettings:
     informed_slice: int = 0
     start: Optional[float] = 0.5  # None: around the informed slice
     engine: EngineSettings = EngineSettings()
+    keep_partial: bool = False  # a failed or cancelled job's output node is kept, named "... (partial)"
 
 
 @dataclasses.dataclass(frozen=True)
