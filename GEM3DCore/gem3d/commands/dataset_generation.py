@@ -17,23 +17,26 @@ def _distributed():
 
 
 def _run(plan, dataset, out, bundle, device, kind, overwrite):
-    import torch
-    import torch.distributed as dist
     from tqdm import tqdm
 
-    from gem3d.bundle_format import DEMO_BUNDLE
+    from gem3d.bundle_format import DEMO_BUNDLE, read_info
     from gem3d.dataset_generation import check_output_folder, pending, run_jobs, write_dataset_json
     from gem3d.datasets import open_dataset
-    from gem3d.engine import Engine
 
     rank, world, local_rank = _distributed()
-    if device == "auto" and world > 1 and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
     out = Path(out)
     try:
         check_output_folder(Path(dataset), out)
         source = open_dataset(dataset)
         jobs = plan(source, out)
+        read_info(bundle or DEMO_BUNDLE)
+        import torch  # only once the dataset, the output folder and the bundle passed their checks
+        import torch.distributed as dist
+
+        from gem3d.engine import Engine
+
+        if device == "auto" and world > 1 and torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
         engine = Engine(bundle or DEMO_BUNDLE, device)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))

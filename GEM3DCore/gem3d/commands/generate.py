@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from gem3d.bundle_format import DEMO_BUNDLE
+from gem3d.bundle_format import DEMO_BUNDLE, read_info
+from gem3d.preflight import check_request
 from gem3d.request import INFORMED_SOURCES, GenerateRequest, InformedSpec, RequestError
 from gem3d.sampler_settings import SAMPLERS
 
@@ -72,8 +73,6 @@ def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
 def generate(bundle, mask, reference, informed, informed_from, informed_slice, informed_position, start, edits,
              augment, sampler, steps, eta, seed, device, out, mask_out, overwrite, allow_empty_mask, conventions):
     """Generate a synthetic volume from a mask and an informed slice."""
-    from gem3d.engine import Engine
-
     try:
         request = GenerateRequest(
             reference=reference, mask=mask, out=out, mask_out=mask_out, bundle=bundle,
@@ -81,6 +80,10 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
             start=start, edits=json.loads(Path(edits).read_text()) if edits else [], augment=augment,
             sampler=sampler, steps=steps, eta=eta, seed=seed, device=device, overwrite=overwrite,
             allow_empty_mask=allow_empty_mask)
+        check_request(request)
+        read_info(bundle or DEMO_BUNDLE)
+        from gem3d.engine import Engine  # torch: only once the request passed its checks
+
         engine = Engine(bundle or DEMO_BUNDLE, device, conventions)
     except (RequestError, ValueError, OSError) as err:
         raise click.ClickException(str(err))
@@ -99,6 +102,10 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
               help="Seconds between heartbeat events while a job runs.")
 def worker(bundle, device, heartbeat):
     """Serve generation requests: JSON lines on stdin, events on stdout (docs/worker-protocol.md)."""
+    try:
+        read_info(bundle or DEMO_BUNDLE)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err))
     from gem3d.worker import main
 
     sys.exit(main(str(bundle or DEMO_BUNDLE), device, heartbeat))
