@@ -16,6 +16,7 @@ import vtk  # noqa: F401  (the MRML nodes' vtk types)
 
 from gem3d.bundle_format import read_bundle_info
 from gem3d.request import GenerateRequest, InformedSpec, RequestError, new_job_id
+from gem3d.threads import ENV as THREADS_ENV
 
 from . import batch, edits, export, geometry, label_matching, nodes, output, process
 from .engine import LocalEngine, RemoteEngine
@@ -73,17 +74,20 @@ class EditorLogic:
     def engine_python(engine_python: str = "") -> str:
         return engine_python.strip() or python_executable_default()
 
-    def engine_environment(self, engine_python: str = "") -> Dict[str, str]:
+    def engine_environment(self, engine_python: str = "", threads: int = 0) -> Dict[str, str]:
         """PythonSlicer runs in Slicer's environment; another Python in the one Slicer was started from.
-        Both find the gem3d package shipped with the module first."""
+        Both find the gem3d package shipped with the module first, and get the panel's thread count."""
         base = slicer.util.startupEnvironment() if engine_python.strip() else None
-        return environment_with_path(base, [self.gem3d_root] if self.gem3d_root else [])
+        env = environment_with_path(base, [self.gem3d_root] if self.gem3d_root else [])
+        if threads:
+            env[THREADS_ENV] = str(int(threads))
+        return env
 
     def _new_engine(self, settings: EngineSettings):
         if settings.server_url:
             return RemoteEngine(settings.server_url, settings.server_token)
         return LocalEngine(self.engine_python(settings.engine_python),
-                           self.engine_environment(settings.engine_python), cwd=self.work_folder)
+                           self.engine_environment(settings.engine_python, settings.threads), cwd=self.work_folder)
 
     def _engine_for(self, settings: EngineSettings):
         """The engine these settings ask for, kept between jobs (its models stay loaded)."""
@@ -269,8 +273,8 @@ class EditorLogic:
             informed_scan=settings.informed_scan, informed_position=settings.informed_position,
             sampler=engine.sampler, steps=engine.steps, seed=engine.seed, device=engine.device)
         logging.info("GEM-3D batch: " + " ".join(command))
-        self._batch_runner = process.CommandRunner(command, env=self.engine_environment(engine.engine_python),
-                                                   what=f"gem3d {settings.mode}").start()
+        env = self.engine_environment(engine.engine_python, engine.threads)
+        self._batch_runner = process.CommandRunner(command, env=env, what=f"gem3d {settings.mode}").start()
         self.batch = JobState("batch", JobKind.BATCH, status="Starting...")
 
     def cancel_batch(self) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
 from gem3d.sampler_settings import SAMPLERS
 
 
@@ -64,6 +65,7 @@ def _run(plan, dataset, out, bundle, device, kind, overwrite):
 
 def _sampling_options(f):
     for option in reversed([
+        threads_option(),
         click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
                      help="Model bundle (default: the demo bundle)."),
         click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Default: dpm++."),

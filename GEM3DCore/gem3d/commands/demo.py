@@ -5,11 +5,13 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
 from gem3d.bundle_format import DEMO_BUNDLE, read_info
 from gem3d.outputs import check_folder
 
 
 @click.command()
+@threads_option()
 @click.option("--out", type=click.Path(file_okay=False), default="demo_out", show_default=True,
               help="Folder for the phantom data and the outputs.")
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,

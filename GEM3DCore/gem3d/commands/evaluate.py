@@ -5,10 +5,12 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
 from gem3d.outputs import check_folder
 
 
 @click.command()
+@threads_option()
 @click.option("--real", required=True, type=click.Path(exists=True, file_okay=False),
               help="Real dataset (any layout `gem3d dataset inspect` reads).")
 @click.option("--synthetic", required=True, type=click.Path(exists=True, file_okay=False),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
 from gem3d.bundle_format import DEMO_BUNDLE, read_info
 from gem3d.preflight import check_request
 from gem3d.request import INFORMED_SOURCES, GenerateRequest, InformedSpec, RequestError
@@ -37,6 +38,7 @@ def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
 
 
 @click.command()
+@threads_option()
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model bundle folder (default: the demo bundle shipped with gem3d).")
 @click.option("--mask", required=True, type=click.Path(exists=True), help="Label volume (the bundle's labels).")
@@ -95,6 +97,7 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
 
 
 @click.command()
+@threads_option()
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
               help="Bundle for requests that name none (default: the demo bundle).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

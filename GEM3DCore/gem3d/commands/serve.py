@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -45,6 +47,7 @@ def bundle_names(paths) -> dict:
 
 
 @click.command()
+@threads_option()
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Model bundle folder to serve (repeat for several; default: the demo bundle). "
                    "Requests name a bundle by its folder name.")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
+
 STAGE_HELP = {
     "vae": "Train the slice VAE (L1 + KL) and measure its latent scale.",
     "stage1": "Train the 2D UNet on windows (one timestep per slice). Needs the VAE.",
@@ -44,6 +46,7 @@ def command_line() -> str:
 
 
 def _command(what: str) -> click.Command:
+    @threads_option()
     @click.option("--config", "config", required=True,
                   help="A preset name (tiny, small, paper) or a YAML/JSON config file.")
     @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
