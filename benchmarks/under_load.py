@@ -175,10 +175,16 @@ def markdown(result: dict, summary: list) -> str:
     def seconds(line, setting):
         return f"> {cap:.0f}" if setting in line["capped"] else f"{line[setting]:.1f}"
 
+    def ratio(line, key, top, bottom):
+        """A ratio with a capped time in it is a bound: '>' when the numerator was capped."""
+        bound = ">" if top in line["capped"] and bottom not in line["capped"] else "<" if bottom in line["capped"] \
+            and top not in line["capped"] else "~" if line["capped"] and {top, bottom} <= set(line["capped"]) else ""
+        return f"{bound}{line[key]:.2f}"
+
     out = [f"# Speed on a busy CPU: thread settings, {info['cpu']}, {info['cores']} cores, no GPU", "",
            f"Machine: {info['cpu']}, {info['cores']} cores | {info['platform']} | Python {info['python']} | "
            f"torch {info['torch']} (default {info['torch_default_threads']} threads)",
-           f"Command: `python benchmarks/under_load.py {' '.join(sys.argv[1:])}`; load: "
+           f"Command: `{result['command']}`; load: "
            f"{result['load_processes']} torch processes with default threads doing 512x512 matmuls, "
            f"started {result['warm_s']:.0f} s before the condition's first run; runs capped at {cap:.0f} s.", "",
            "Wall seconds of a fresh `gem3d` process (median of the repeats); ratios within one run.", "",
@@ -186,9 +192,12 @@ def markdown(result: dict, summary: list) -> str:
            "|---|---|---|---|---|---|---|---|"]
     for line in summary:
         out.append(f"| {line['task']} | {line['condition']} | {seconds(line, 'old default')} | "
-                   f"{seconds(line, 'one thread')} | {seconds(line, 'new default')} | {line['old / new']:.2f} | "
-                   f"{line['new / one']:.2f} | {line['new / best']:.2f} |")
-    out += ["", "Loaded / as-is time per setting:", ""]
+                   f"{seconds(line, 'one thread')} | {seconds(line, 'new default')} | "
+                   f"{ratio(line, 'old / new', 'old default', 'new default')} | "
+                   f"{ratio(line, 'new / one', 'new default', 'one thread')} | {line['new / best']:.2f} |")
+    out += ["", "'>' / '<': a bound (a run stopped at the cap). Where the new default chose one thread, it and "
+            "'one thread' ran the same configuration: their difference is the noise of the machine's other load."]
+    out += ["", "Loaded / as-is time per setting (a capped time makes it a bound):", ""]
     for line in summary:
         if line["condition"] == "loaded":
             out.append(f"- {line['task']}: " + ", ".join(f"{s} {line[f'{s}: loaded / as is']:.1f}x" for s in SETTINGS))
@@ -209,10 +218,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="2 cases, 2 steps, short cap (CI).")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     parser.add_argument("--tag", default="cpu")
+    parser.add_argument("--render", type=Path, help="Only write the Markdown of a saved JSON result again.")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(result, result["summary"]))
+        return result
     if args.smoke:
         args.cap, args.warm = min(args.cap, 120.0), min(args.warm, 1.0)
     result = measure(args)
+    result["command"] = "python benchmarks/under_load.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = result["summary"] = summarise(result)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"under_load_{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from gem3d.cli import threads_option
 from gem3d.bundle_format import DEMO_BUNDLE, read_info
+from gem3d.cli import threads_option
 from gem3d.outputs import check_folder
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from gem3d.cli import threads_option
 from gem3d.bundle_format import DEMO_BUNDLE, read_info
+from gem3d.cli import threads_option
 from gem3d.preflight import check_request
 from gem3d.request import INFORMED_SOURCES, GenerateRequest, InformedSpec, RequestError
 from gem3d.sampler_settings import SAMPLERS
