@@ -13,6 +13,24 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 BRATS_LABELS = {1: "necrotic core", 2: "edema", 4: "enhancing tumour"}
 
 
+@pytest.fixture(autouse=True)
+def thread_pools_restored():
+    """An in-process CLI run sizes this process's thread pools (gem3d.threads, through os.environ and
+    torch); each test starts from the session's pools, so no test inherits another's choice."""
+    from gem3d import threads
+
+    names = (*threads.POOLS, *threads.NO_SPINNING, threads.ENV)
+    saved, count = {name: os.environ.get(name) for name in names}, torch.get_num_threads()
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 def tiny_config(window: int = 4, size: int = 32):
     from gem3d import config
 

@@ -265,6 +265,17 @@ def test_export_dicom_series_is_synthetic_and_anonymous(tmp_path):
     assert export.is_valid_uid(first["0020|000e"])
 
 
+def test_a_dicom_export_leaves_the_process_locale_as_it_was(tmp_path):
+    """GDCM resets the C locale to "C" while writing: Python's default text encoding then turns ASCII,
+    and any later subprocess output or file with a non-ASCII character fails to decode."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    image, mask = make_case()
+    export.export_case(image, str(tmp_path), "case", mask=mask, dicom=True, modality="MR", description="d")
+    assert locale.setlocale(locale.LC_ALL) == before
+
+
 def test_dicom_of_normalised_intensities_keeps_them_through_a_recorded_mapping():
     values = np.linspace(0.0, 1.0, 60).reshape(3, 4, 5)
     pixels, scale, offset = export.dicom_pixels(values, "MR")

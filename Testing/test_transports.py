@@ -24,7 +24,7 @@ from gem3d.remote import RemoteClient
 from gem3d.worker_client import WorkerClient, environment_with_path, worker_command
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # every transport computes with one thread: the same arithmetic
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "GEM3D_THREADS": "1"}  # every transport computes with one thread: the same arithmetic
 _spec = importlib.util.spec_from_file_location("remote_bench", ROOT / "benchmarks" / "remote.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

@@ -25,8 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from gem3d import threads
+
+threads.configure()  # the pools gem3d's commands use (gem3d.threads), before numpy and torch start them
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent

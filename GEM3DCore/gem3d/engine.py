@@ -28,7 +28,7 @@ from gem3d.events import Event
 from gem3d.io import provenance_path, write_volume
 from gem3d.outputs import Landing, write_text_atomically
 from gem3d.pipeline import SYNTHETIC_DESCRIPTION, SYNTHETIC_MASK, Generated, Pipeline, Switches
-from gem3d.preflight import output_limits, read_input
+from gem3d.preflight import check_request, read_input
 from gem3d.queues import take
 from gem3d.request import GenerateRequest, RequestError
 from gem3d.sampling import Cancelled
@@ -75,7 +75,7 @@ class Engine:
 
     def _generate(self, request: GenerateRequest, cancel, switches: Switches) -> Iterator[dict]:
         t0 = time.perf_counter()
-        _check_output(request)
+        check_request(request)
         reference, mask = read_input(request.reference, "reference"), read_input(request.mask, "mask")
         scan = (read_input(request.informed.scan, "informed scan")
                 if request.informed.source in ("other", "fixed") else None)
@@ -159,13 +159,6 @@ def write_outputs(generated: Generated, request: GenerateRequest, timings: dict,
                                                default=str) + "\n")
     outputs["provenance"] = str(path)
     return outputs
-
-
-def _check_output(request: GenerateRequest) -> None:
-    """The request's file rules and the disk's (free space, source datasets), before any model work."""
-    problems = request.path_problems(*output_limits(request))
-    if problems:
-        raise RequestError("; ".join(problems))
 
 
 def _sentence(err: BaseException) -> str:

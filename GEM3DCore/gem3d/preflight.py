@@ -14,11 +14,19 @@ import numpy as np
 import SimpleITK as sitk
 
 from gem3d.io import TooLargeError, declared_voxels, extension, nifti_nonfinite_count, read_volume
+from gem3d.request import RequestError
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.preflight")
 DATASET_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")  # nnU-Net raw layout
 MIN_KEPT = 0.9  # a resampled mask must keep this share of each label's physical volume
+
+
+def check_request(request) -> None:
+    """The request's file rules and the disk's (free space, source datasets), before any model work."""
+    problems = request.path_problems(*output_limits(request))
+    if problems:
+        raise RequestError("; ".join(problems))
 
 
 def output_limits(request) -> Tuple[int, list]:

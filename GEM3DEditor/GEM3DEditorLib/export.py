@@ -7,8 +7,10 @@ Existing files (the source scan above all) are never overwritten.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import locale
 import os
 import re
 import uuid
@@ -124,6 +126,17 @@ def dicom_modality(modality: str) -> str:
     return "CT" if text == "ct" else ("MR" if text.startswith("mr") or text in ("flair", "t1", "t2") else "OT")
 
 
+@contextlib.contextmanager
+def _locale_kept():
+    """GDCM (SimpleITK's DICOM writer) sets the process's C locale to "C" and leaves it so; Python's
+    default text encoding would then be ASCII for the rest of the process (Slicer's too)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def write_dicom_series(image, folder: str, tags: Dict[str, str], modality: str = "MR") -> dict:
     """One file per slice of a gem3d.Volume into `folder` (which must not exist).
     Returns {"files", "scale", "offset"} (see dicom_pixels)."""
@@ -142,22 +155,23 @@ def write_dicom_series(image, folder: str, tags: Dict[str, str], modality: str =
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     paths = []
-    for k in range(volume.GetDepth()):
-        slice_image = volume[:, :, k]
-        for key, value in tags.items():
-            slice_image.SetMetaData(key, value)
-        position = volume.TransformIndexToPhysicalPoint((0, 0, k))
-        slice_image.SetMetaData("0008|0018", new_uid())  # SOP Instance UID
-        slice_image.SetMetaData("0020|0013", str(k + 1))  # Instance Number
-        slice_image.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
-        slice_image.SetMetaData("0020|0037", orientation)
-        slice_image.SetMetaData("0018|0050", f"{image.geometry.spacing[2]:.6f}")  # Slice Thickness
-        if scale != 1.0:  # Image Comments
-            slice_image.SetMetaData("0020|4000", f"SYNTHETIC; intensity = pixel / {scale:.9g} + {offset:.9g}")
-        path = os.path.join(folder, f"slice_{k + 1:04d}.dcm")
-        writer.SetFileName(path)
-        writer.Execute(slice_image)
-        paths.append(path)
+    with _locale_kept():
+        for k in range(volume.GetDepth()):
+            slice_image = volume[:, :, k]
+            for key, value in tags.items():
+                slice_image.SetMetaData(key, value)
+            position = volume.TransformIndexToPhysicalPoint((0, 0, k))
+            slice_image.SetMetaData("0008|0018", new_uid())  # SOP Instance UID
+            slice_image.SetMetaData("0020|0013", str(k + 1))  # Instance Number
+            slice_image.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
+            slice_image.SetMetaData("0020|0037", orientation)
+            slice_image.SetMetaData("0018|0050", f"{image.geometry.spacing[2]:.6f}")  # Slice Thickness
+            if scale != 1.0:  # Image Comments
+                slice_image.SetMetaData("0020|4000", f"SYNTHETIC; intensity = pixel / {scale:.9g} + {offset:.9g}")
+            path = os.path.join(folder, f"slice_{k + 1:04d}.dcm")
+            writer.SetFileName(path)
+            writer.Execute(slice_image)
+            paths.append(path)
     return {"files": paths, "scale": scale, "offset": offset}
 
 

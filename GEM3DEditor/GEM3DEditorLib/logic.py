@@ -19,6 +19,7 @@ import vtk  # noqa: F401  (the MRML nodes' vtk types)
 from gem3d.bundle_format import read_bundle_info
 from gem3d.events import EngineClient
 from gem3d.request import GenerateRequest, InformedSpec, RequestError, new_job_id
+from gem3d.threads import ENV as THREADS_ENV
 from gem3d.worker_client import WorkerClient, environment_with_path, python_executable_default, worker_command
 
 from . import batch, edits, export, geometry, label_matching, nodes, output, process
@@ -100,11 +101,14 @@ class EditorLogic:
     def engine_python(engine_python: str = "") -> str:
         return engine_python.strip() or python_executable_default()
 
-    def engine_environment(self, engine_python: str = "") -> Dict[str, str]:
+    def engine_environment(self, engine_python: str = "", threads: int = 0) -> Dict[str, str]:
         """PythonSlicer runs in Slicer's environment; another Python in the one Slicer was started from.
-        Both find the gem3d package shipped with the module first."""
+        Both find the gem3d package shipped with the module first, and get the panel's thread count."""
         base = self.startup_environment if engine_python.strip() else None
-        return environment_with_path(base, [self.gem3d_root] if self.gem3d_root else [])
+        env = environment_with_path(base, [self.gem3d_root] if self.gem3d_root else [])
+        if threads:
+            env[THREADS_ENV] = str(int(threads))
+        return env
 
     def _new_client(self, settings: EngineSettings) -> EngineClient:
         """`gem3d serve` at the settings' URL, else `<python> -m gem3d worker` (started here)."""
@@ -113,7 +117,8 @@ class EditorLogic:
 
             return RemoteClient(settings.server_url, settings.server_token or None)
         return WorkerClient(worker_command(self.engine_python(settings.engine_python)),
-                            env=self.engine_environment(settings.engine_python), cwd=self.work_folder).start()
+                            env=self.engine_environment(settings.engine_python, settings.threads),
+                            cwd=self.work_folder).start()
 
     def _client_for(self, settings: EngineSettings) -> EngineClient:
         """The engine these settings ask for, kept between jobs (its models stay loaded); a worker
@@ -373,8 +378,8 @@ class EditorLogic:
             informed_scan=settings.informed_scan, informed_position=settings.informed_position,
             sampler=engine.sampler, steps=engine.steps, seed=engine.seed, device=engine.device)
         logging.info("GEM-3D batch: " + " ".join(command))
-        self._batch_runner = process.CommandRunner(command, env=self.engine_environment(engine.engine_python),
-                                                   what=f"gem3d {settings.mode}").start()
+        env = self.engine_environment(engine.engine_python, engine.threads)
+        self._batch_runner = process.CommandRunner(command, env=env, what=f"gem3d {settings.mode}").start()
         self.batch = JobState("batch", JobKind.BATCH, status="Starting...")
 
     def cancel_batch(self) -> None:

@@ -14,11 +14,12 @@ class EngineSettings:
     engine_python: str = ""  # "": PythonSlicer
     server_url: str = ""  # "": the engine runs locally; else a `gem3d serve` URL
     server_token: str = ""  # from the application settings, never from the scene
+    threads: int = 0  # threads of a local engine; 0: the engine's default (gem3d.threads)
 
     @property
     def engine_key(self) -> tuple:
         """What identifies the engine process or server these settings ask for."""
-        return (self.server_url, self.server_token) if self.server_url else (self.engine_python,)
+        return (self.server_url, self.server_token) if self.server_url else (self.engine_python, self.threads)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
 from gem3d.commands.generate import STRENGTH_HELP
 from gem3d.sampler_settings import SAMPLERS
 
@@ -18,23 +19,26 @@ def _distributed():
 
 
 def _run(plan, dataset, out, bundle, device, kind, overwrite):
-    import torch
-    import torch.distributed as dist
     from tqdm import tqdm
 
-    from gem3d.bundle_format import DEMO_BUNDLE
+    from gem3d.bundle_format import DEMO_BUNDLE, read_info
     from gem3d.dataset_generation import check_output_folder, pending, run_jobs, write_dataset_json
     from gem3d.datasets import open_dataset
-    from gem3d.engine import Engine
 
     rank, world, local_rank = _distributed()
-    if device == "auto" and world > 1 and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
     out = Path(out)
     try:
         check_output_folder(Path(dataset), out, overwrite)
         source = open_dataset(dataset)
         jobs = plan(source, out)
+        read_info(bundle or DEMO_BUNDLE)
+        import torch  # only once the dataset, the output folder and the bundle passed their checks
+        import torch.distributed as dist
+
+        from gem3d.engine import Engine
+
+        if device == "auto" and world > 1 and torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
         engine = Engine(bundle or DEMO_BUNDLE, device)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err))
@@ -65,6 +69,7 @@ def _run(plan, dataset, out, bundle, device, kind, overwrite):
 
 def _sampling_options(f):
     for option in reversed([
+        threads_option(),
         click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
                      help="Model bundle (default: the demo bundle)."),
         click.option("--sampler", type=click.Choice(SAMPLERS), default=None, help="Default: dpm++."),

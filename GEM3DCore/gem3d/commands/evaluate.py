@@ -1,10 +1,16 @@
 """`gem3d evaluate`: compare a synthetic dataset with a real one (GEM-3D's metrics)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from gem3d.cli import threads_option
+from gem3d.outputs import check_folder
 
 
 @click.command()
+@threads_option()
 @click.option("--real", required=True, type=click.Path(exists=True, file_okay=False),
               help="Real dataset (any layout `gem3d dataset inspect` reads).")
 @click.option("--synthetic", required=True, type=click.Path(exists=True, file_okay=False),
@@ -22,7 +28,13 @@ import click
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write the metrics as CSV.")
 def evaluate(real, synthetic, paired, extractor, planes_per_volume, segmenter, json_out, csv_out):
     """FID-A/C/S, volumetric consistency, paired PSNR/SSIM/MS-SSIM and mask Dice."""
-    from gem3d.evaluation.report import evaluate as run, table, write_csv, write_json
+    try:
+        for path in (json_out, csv_out):
+            if path:
+                check_folder(Path(path).resolve().parent)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    from gem3d.evaluation.report import evaluate as run, table, write_csv, write_json  # torch
 
     from gem3d.outputs import check_outputs
 

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from gem3d.bundle_format import DEMO_BUNDLE
+from gem3d.bundle_format import DEMO_BUNDLE, read_info
+from gem3d.cli import threads_option
+from gem3d.preflight import check_request
 from gem3d.request import INFORMED_SOURCES, GenerateRequest, InformedSpec, RequestError
 from gem3d.sampler_settings import SAMPLERS
 
@@ -39,6 +41,7 @@ def run_request(engine, request: GenerateRequest, quiet: bool = False) -> dict:
 
 
 @click.command()
+@threads_option()
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
               help="Model bundle folder (default: the demo bundle shipped with gem3d).")
 @click.option("--mask", required=True, type=click.Path(exists=True), help="Label volume (the bundle's labels).")
@@ -77,7 +80,6 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
              augment, sampler, steps, eta, strength, seed, device, out, mask_out, overwrite, allow_empty_mask,
              conventions):
     """Generate a synthetic volume from a mask and an informed slice."""
-    from gem3d.engine import Engine
     from gem3d.mask_edits import read_edits
     from gem3d.outputs import check_outputs
 
@@ -90,6 +92,10 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
             allow_empty_mask=allow_empty_mask)
         if edits:  # the edits file is an input too
             check_outputs(request.outputs(), [edits], overwrite=True)
+        check_request(request)
+        read_info(bundle or DEMO_BUNDLE)
+        from gem3d.engine import Engine  # torch: only once the request passed its checks
+
         engine = Engine(bundle or DEMO_BUNDLE, device, conventions)
     except (RequestError, ValueError, OSError) as err:
         raise click.ClickException(str(err))
@@ -101,6 +107,7 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
 
 
 @click.command()
+@threads_option()
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), default=None,
               help="Bundle for requests that name none (default: the demo bundle).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -108,6 +115,10 @@ def generate(bundle, mask, reference, informed, informed_from, informed_slice, i
               help="Seconds between heartbeat events while a job runs.")
 def worker(bundle, device, heartbeat):
     """Serve generation requests: JSON lines on stdin, events on stdout (docs/worker-protocol.md)."""
+    try:
+        read_info(bundle or DEMO_BUNDLE)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err))
     from gem3d.worker import main
 
     sys.exit(main(str(bundle or DEMO_BUNDLE), device, heartbeat))

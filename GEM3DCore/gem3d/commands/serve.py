@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -27,10 +29,16 @@ def read_token(path: Path) -> str:
 
 
 def bundle_names(paths) -> dict:
-    """{folder name: path}; requests name the bundle, never a server path."""
+    """{folder name: path} of checked bundles; requests name the bundle, never a server path."""
+    from gem3d.bundle_format import read_info
+
     names = {}
     for path in paths:
         path = Path(path).resolve()
+        try:
+            read_info(path)
+        except (ValueError, OSError) as err:
+            raise click.ClickException(str(err)) from None
         if path.name in names:
             raise click.ClickException(f"two bundles are called {path.name!r}; give them distinct folder names")
         names[path.name] = path
@@ -38,6 +46,7 @@ def bundle_names(paths) -> dict:
 
 
 @click.command()
+@threads_option()
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="Model bundle folder to serve (repeat for several; default: the demo bundle). "
                    "Requests name a bundle by its folder name.")
@@ -77,13 +86,14 @@ def serve(bundles, host, port, token_file, devices, data_root, work_dir, max_upl
         from gem3d.bundle_format import DEMO_BUNDLE
 
         bundles = (str(DEMO_BUNDLE),)
+    names = bundle_names(bundles)
     from gem3d.server import Settings
 
     logging.basicConfig(level=logging.INFO, format="gem3d-serve %(levelname)s %(message)s")
     from gem3d.server import run, temporary_work_folder
 
     with contextlib.nullcontext(work_dir) if work_dir else temporary_work_folder() as work:
-        settings = Settings(bundles=bundle_names(bundles), devices=device_list, work_dir=Path(work), token=token,
+        settings = Settings(bundles=names, devices=device_list, work_dir=Path(work), token=token,
                             data_root=Path(data_root).resolve() if data_root else None,
                             max_upload_bytes=int(max_upload_mb * 2**20), max_jobs_per_client=max_jobs_per_client,
                             max_queued=max_queued, keep_s=keep_s, cors_origins=list(cors_origins))

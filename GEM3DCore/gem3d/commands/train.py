@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from gem3d.cli import threads_option
+
 STAGE_HELP = {
     "vae": "Train the slice VAE (L1 + KL) and measure its latent scale.",
     "stage1": "Train the 2D UNet on windows (one timestep per slice). Needs the VAE.",
@@ -44,6 +46,7 @@ def command_line() -> str:
 
 
 def _command(what: str) -> click.Command:
+    @threads_option()
     @click.option("--config", "config", required=True,
                   help="A preset name (tiny, small, paper) or a YAML/JSON config file.")
     @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -59,13 +62,20 @@ def _command(what: str) -> click.Command:
                   help="Recorded in the bundle's provenance (e.g. how the dataset was made); repeatable.")
     def command(config, dataset, run_dir, resume, device, vae_weights, note):
         from gem3d.config import load_config
-        from gem3d.training import Run, init
-        from gem3d.training import train as run_training
+        from gem3d.datasets import open_dataset
 
         notes = _notes(note)
         try:
+            cfg = load_config(config)
+            open_dataset(dataset)
+        except (ValueError, OSError) as err:
+            raise click.ClickException(str(err)) from None
+        from gem3d.training import Run, init  # torch: only once the config and the dataset read
+        from gem3d.training import train as run_training
+
+        try:
             ctx = init(device)
-            run = Run(load_config(config), dataset, run_dir, ctx, resume, vae_weights)
+            run = Run(cfg, dataset, run_dir, ctx, resume, vae_weights)
             results = run_training(run, what, command_line(), notes)
         except (ValueError, OSError, FloatingPointError) as err:
             raise click.ClickException(str(err)) from None
