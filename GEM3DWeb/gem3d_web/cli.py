@@ -1,0 +1,87 @@
+"""`gem3d-web`: the browser editor on one port, one scene per server process.
+
+Secure defaults like `gem3d serve`: 127.0.0.1 unless told otherwise, any other host only with
+--token-file; the token guards the page and the websocket. The session's files (uploads, job
+inputs and outputs, exports) live in a temporary folder removed when the server stops.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from typing import List, Optional
+
+from . import access
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gem3d-web", description="GEM-3D editor in a browser (trame-slicer).")
+    p.add_argument("--bundle", required=True, help="model bundle folder (bundle.json + safetensors)")
+    p.add_argument("--data-root", help="folder whose scans and .seg.nrrd the page may open (nothing outside it)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
+    p.add_argument("--token-file", help="file holding the access token (required for a non-loopback --host)")
+    p.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload accepted (MB)")
+    p.add_argument("--idle-timeout", type=int, default=0,
+                   help="stop the server this many seconds after its last browser left (0: never)")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    log = logging.getLogger("gem3d_web")  # its own handler: trame's loggers stay quiet
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s gem3d-web %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        token = access.read_token(args.token_file, args.host)
+        from gem3d.bundle_format import read_bundle_info
+
+        read_bundle_info(args.bundle)
+        if args.max_upload_mb <= 0:
+            raise ValueError("--max-upload-mb must be positive.")
+    except ValueError as e:
+        print(f"gem3d-web: {e}", file=sys.stderr)
+        return 2
+    if args.data_root and not os.path.isdir(args.data_root):
+        print(f"gem3d-web: --data-root {args.data_root} is not a folder.", file=sys.stderr)
+        return 2
+    work = tempfile.mkdtemp(prefix="gem3d-web-")
+    try:
+        return serve(args, token, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def serve(args, token: Optional[str], work: str) -> int:
+    from trame.app import get_server
+
+    from .app import EditorApp
+
+    sys.argv = sys.argv[:1]  # trame parses the command line too; everything it needs is passed below
+    server = get_server("gem3d_web", client_type="vue3")
+    server.options["ws_max_msg_size"] = int(args.max_upload_mb * 1024 * 1024) + 1024 * 1024
+    app = EditorApp(args.bundle, work, data_root=args.data_root, max_upload_mb=args.max_upload_mb, server=server)
+    if token:
+        server.controller.on_server_bind.add(lambda ws: ws.app.middlewares.append(access.middleware(token)))
+
+    def ready(**_):
+        query = f"?token={token}" if token else ""
+        print(f"gem3d-web: open http://{args.host}:{server.port}/{query}", flush=True)
+
+    server.controller.on_server_ready.add(ready)
+    try:
+        app.server.start(host=args.host, port=args.port, open_browser=False, show_connection_info=False,
+                         timeout=args.idle_timeout)
+    finally:
+        app.session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
