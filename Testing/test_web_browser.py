@@ -1,0 +1,130 @@
+"""The browser editor end to end: a real gem3d-web server (the module's EditorLogic, a real
+`gem3d worker` with the demo bundle) driven in Debian's chromium by Playwright."""
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from web_fixtures import (axial_pixels, browser, lesion_centre, load_sample, mask_voxels,  # noqa: F401
+                          open_page, wait_text, WebServer)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    server = WebServer(tmp_path_factory.mktemp("web"), "--max-upload-mb", "1")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):  # noqa: F811
+    page = open_page(browser, server.url)
+    load_sample(page)
+    yield page
+    page.close()
+
+
+def test_sample_then_a_paint_stroke_changes_the_mask(page):
+    before = mask_voxels(page)
+    assert before > 100  # the phantom's tumour, mapped to the bundle's labels
+    page.click("#effect_paint")
+    box = page.locator("#views img").first.bounding_box()
+    x, y = box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.4
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(15):  # a fast stroke: 30 ms between mouse moves
+        page.mouse.move(x + 4 * step, y)
+        time.sleep(0.03)
+    page.mouse.up()
+    deadline = time.time() + 10
+    while mask_voxels(page) == before and time.time() < deadline:
+        time.sleep(0.1)
+    page.click("#effect_none")
+    assert mask_voxels(page) > before + 20
+
+
+def test_move_the_lesion_and_undo(page):
+    before = lesion_centre(page)
+    page.click("#move_right")
+    deadline = time.time() + 10
+    while np.allclose(lesion_centre(page), before) and time.time() < deadline:
+        time.sleep(0.1)
+    moved = lesion_centre(page)
+    assert moved[0] - before[0] == pytest.approx(5.0, abs=2.0) and abs(moved[1] - before[1]) < 1.0
+    page.click("#undo")
+    deadline = time.time() + 10
+    while not np.allclose(lesion_centre(page), before, atol=0.05) and time.time() < deadline:
+        time.sleep(0.1)
+    np.testing.assert_allclose(lesion_centre(page), before, atol=0.05)
+
+
+def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_path):
+    from gem3d import phantom
+    from gem3d.io import read_description, read_volume
+
+    reference_view = axial_pixels(page)
+    page.fill("#steps", "2")
+    page.fill("#seed", "3")
+    page.click("#generate")
+    deadline, painted = time.time() + 120, None
+    while time.time() < deadline:  # the synthetic slice shown in the axial view, not the reference's
+        shown = axial_pixels(page)
+        grey = (np.ptp(shown, axis=2) < 12) & (shown.mean(axis=2) > 40)
+        if grey.mean() > 0.05 and np.abs(shown - reference_view).mean() > 3.0:
+            painted = page.inner_text("#windows")
+            break
+        time.sleep(0.1)
+    assert painted is not None, "the axial view never showed a generated window"
+    assert int(painted.split()[0]) >= 1
+    wait_text(page, "#windows", "100 %", timeout_s=120)
+    wait_text(page, "#status", "Done")
+    with page.expect_download() as download:
+        page.click("#export")
+    path = tmp_path / "export.zip"
+    download.value.save_as(path)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        archive.extractall(tmp_path / "zip")
+    image = next(n for n in names if n.endswith(".nrrd") and not n.endswith(".seg.nrrd"))
+    segmentation = next(n for n in names if n.endswith(".seg.nrrd"))
+    provenance = json.loads((tmp_path / "zip" / next(n for n in names if n.endswith(".json"))).read_text())
+    reference, _labels, _truth = phantom.make_case("brain", seed=0, index=0, size=64, slices=16)
+    synthetic = read_volume(tmp_path / "zip" / image)
+    assert synthetic.array.shape == reference.array.shape
+    assert synthetic.geometry.allclose(reference.geometry, atol=1e-4)
+    assert read_description(tmp_path / "zip" / image).startswith("SYNTHETIC")
+    assert read_description(tmp_path / "zip" / segmentation).startswith("SYNTHETIC")
+    assert provenance["synthetic"] is True
+    assert provenance["slicer"]["request"]["seed"] == 3 and provenance["slicer"]["request"]["steps"] == 2
+
+
+def test_cancel_mid_job(page):
+    page.fill("#steps", "200")
+    page.click("#generate")
+    wait_text(page, "#status", "Window", timeout_s=120)
+    page.click("#cancel")
+    status = wait_text(page, "#status", "ancel", timeout_s=30)
+    deadline = time.time() + 30
+    while "Cancelling" in status and time.time() < deadline:
+        status = page.inner_text("#status")
+        time.sleep(0.1)
+    assert "Done" not in status and "ancel" in status
+    assert page.is_enabled("#generate")
+
+
+def test_garbled_and_oversized_uploads_give_one_sentence_and_the_session_keeps_working(page, tmp_path):
+    garbled = tmp_path / "scan.nii.gz"
+    garbled.write_bytes(b"not a volume at all" * 100)
+    page.set_input_files("#upload", str(garbled))
+    message = wait_text(page, "#message", "could not be read", timeout_s=30)
+    assert message.count(".") <= 3 and "Traceback" not in message
+    big = tmp_path / "big.nrrd"
+    big.write_bytes(b"\0" * (2 * 1024 * 1024))
+    page.set_input_files("#upload", str(big))
+    wait_text(page, "#message", "accepts up to 1 MB", timeout_s=30)
+    load_sample(page)
+    assert mask_voxels(page) > 100
