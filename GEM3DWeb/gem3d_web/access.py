@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
+from pathlib import Path
 from typing import Optional
 
 COOKIE = "gem3d_web_token"
@@ -63,3 +64,13 @@ def middleware(token: str):
         return web.Response(status=403, text=REFUSED)
 
     return check
+
+
+def confined(root: Optional[Path], relative: str) -> str:
+    """A file inside --data-root (links resolved), or a refusal naming no path."""
+    if root is None:
+        raise ValueError("This editor was started without --data-root: there is no data folder to open.")
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise ValueError("That file is not in the data folder.")
+    return str(path)

@@ -20,6 +20,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
+from . import access
 from .session import SEGMENTATION_SUFFIX, VOLUME_SUFFIXES, Session, is_segmentation_file, is_volume_file
 
 log = logging.getLogger("gem3d_web")
@@ -215,23 +216,13 @@ class EditorApp(TrameApp):
         return sorted(str(p.relative_to(self.data_root)) for p in self.data_root.rglob("*")
                       if p.is_file() and (is_volume_file(p.name) or is_segmentation_file(p.name)))
 
-    def confined(self, relative: Optional[str]) -> Optional[str]:
-        """A path inside --data-root, or a refusal."""
-        if not relative:
-            return None
-        if self.data_root is None:
-            raise ValueError("This editor was started without --data-root: there is no data folder to open.")
-        path = (self.data_root / relative).resolve()
-        if not path.is_relative_to(self.data_root) or not path.is_file():
-            raise ValueError("That file is not in the data folder.")
-        return str(path)
-
     def load_data_files(self):
         def load():
-            scan = self.confined(self.state.data_scan)
-            if scan is None:
+            if not self.state.data_scan:
                 raise ValueError("Choose a scan in the data folder.")
-            self.session.load_files(scan, self.confined(self.state.data_segmentation))
+            segmentation = self.state.data_segmentation
+            self.session.load_files(access.confined(self.data_root, self.state.data_scan),
+                                    access.confined(self.data_root, segmentation) if segmentation else None)
 
         if self._guard(load):
             self._show_case()
