@@ -22,6 +22,18 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 TOKEN = "web-test-token-0123456789"
 
 
+def free_ports(count: int) -> list:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
 def web_available() -> str:
     """Why the browser tests cannot run here ('' when they can): the [web] extra or chromium missing."""
     try:
@@ -39,7 +51,9 @@ class WebServer:
 
     def __init__(self, tmp: Path, *extra: str, token: bool = True):
         self.log = tmp / "server.log"
-        args = [sys.executable, "-m", "gem3d_web", "--bundle", str(DEMO_BUNDLE), "--port", "0", *extra]
+        args = [sys.executable, "-m", "gem3d_web", "--bundle", str(DEMO_BUNDLE), *extra]
+        if "--sessions" not in extra:
+            args += ["--sessions", "0", "--port", "0"]
         if token:
             token_file = tmp / "token"
             token_file.write_text(TOKEN)
@@ -51,7 +65,7 @@ class WebServer:
                                         cwd=str(tmp))
         deadline = time.time() + 90
         while time.time() < deadline and self.process.poll() is None:
-            found = re.search(r"open (http://\S+)", self.log.read_text())
+            found = re.search(r"gem3d-web: open (http://\S+)", self.log.read_text())
             if found:
                 self.url = found.group(1)
                 self.base = self.url.split("?")[0]
@@ -59,6 +73,12 @@ class WebServer:
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"gem3d-web did not start:\n{self.log.read_text()}")
+
+    def session_processes(self) -> list:
+        """Process ids of the session processes this server's launcher started."""
+        found = subprocess.run(["pgrep", "-P", str(self.process.pid), "-f", "--", "--session-key"],
+                               capture_output=True, text=True).stdout.split()
+        return [int(p) for p in found]
 
     def stop(self) -> None:
         if self.process.poll() is None:

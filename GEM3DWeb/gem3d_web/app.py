@@ -62,6 +62,7 @@ class EditorApp(TrameApp):
         self.session = Session(self.slicer.scene, self.slicer.volumes_logic, work_folder, bundle)
         self._poller: Optional[asyncio.Task] = None
         self._count_pending = False
+        self._cancelling = False
         self.state.update({
             "trame__title": "GEM-3D editor", "message": "", "loaded": False, "busy": False, "progress": 0,
             "status": "Load a case: Sample, Upload or the data folder.", "bundle_name": os.path.basename(bundle),
@@ -314,6 +315,7 @@ class EditorApp(TrameApp):
         self.state.update({"busy": True, "progress": 0, "windows": 0, "can_export": False, "finished": False,
                            "message": "", "status": "Starting the GEM-3D engine..."})
         log.info("generation started")
+        self._cancelling = False
         self._poller = asynchronous.create_task(self._poll())
 
     def _informed_index(self) -> int:
@@ -341,7 +343,8 @@ class EditorApp(TrameApp):
                 if job is None:
                     self.state.busy = False
                     return
-                self.state.status = job.status
+                if not (self._cancelling and not job.done):
+                    self.state.status = job.status
                 self.state.progress = round(100.0 * job.progress)
                 self.state.windows = job.windows
                 for view in self.slicer.view_manager.get_views():
@@ -356,6 +359,7 @@ class EditorApp(TrameApp):
                     return
 
     def cancel(self):
+        self._cancelling = self.session.logic.busy
         self.session.cancel()
         self.state.status = "Cancelling..."
 

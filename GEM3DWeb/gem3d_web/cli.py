@@ -25,8 +25,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
     p.add_argument("--token-file", help="file holding the access token (required for a non-loopback --host)")
     p.add_argument("--max-upload-mb", type=float, default=200.0, help="largest upload accepted (MB)")
+    p.add_argument("--sessions", type=int, default=4,
+                   help="browser sessions at once, each with its own scene in its own process "
+                        "(wslink's launcher); 0: one scene in this process, shared by every browser")
+    p.add_argument("--session-port", type=int, default=0,
+                   help="first port of the session processes (default: --port + 1)")
     p.add_argument("--idle-timeout", type=int, default=0,
-                   help="stop the server this many seconds after its last browser left (0: never)")
+                   help="stop a session this many seconds after its last browser left (0: never; "
+                        "session processes default to 60)")
+    p.add_argument("--session-key", help=argparse.SUPPRESS)  # set by the launcher: this process is one session
     return p
 
 
@@ -45,6 +52,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         read_bundle_info(args.bundle)
         if args.max_upload_mb <= 0:
             raise ValueError("--max-upload-mb must be positive.")
+        if args.sessions < 0 or args.sessions and args.port == 0 and not args.session_port:
+            raise ValueError("--sessions needs a fixed --port (or --session-port) for its session processes.")
     except ValueError as e:
         print(f"gem3d-web: {e}", file=sys.stderr)
         return 2
@@ -53,6 +62,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     work = tempfile.mkdtemp(prefix="gem3d-web-")
     try:
+        if args.sessions and not args.session_key:
+            from .launcher import serve_sessions
+
+            return serve_sessions(args, token, work)
         return serve(args, token, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -63,7 +76,8 @@ def serve(args, token: Optional[str], work: str) -> int:
 
     from .app import EditorApp
 
-    sys.argv = sys.argv[:1]  # trame parses the command line too; everything it needs is passed below
+    # trame parses the command line too: it gets only the secret wslink's launcher gave this session
+    sys.argv = sys.argv[:1] + (["--authKey", args.session_key] if args.session_key else [])
     server = get_server("gem3d_web", client_type="vue3")
     server.options["ws_max_msg_size"] = int(args.max_upload_mb * 1024 * 1024) + 1024 * 1024
     app = EditorApp(args.bundle, work, data_root=args.data_root, max_upload_mb=args.max_upload_mb, server=server)
