@@ -29,7 +29,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def read_token(path: Optional[str], host: str) -> Optional[str]:
+def read_token(path: Optional[str], host: str, option: str = "--token-file") -> Optional[str]:
     """The token from --token-file; refused start-up for another host without one."""
     if not path:
         if not is_loopback(host):
@@ -37,11 +37,11 @@ def read_token(path: Optional[str], host: str) -> Optional[str]:
                               "of at least 16 characters.")
         return None
     if not os.path.isfile(path):
-        raise AccessError(f"--token-file {path} does not exist.")
+        raise AccessError(f"{option} {path} does not exist.")
     with open(path, encoding="utf-8") as f:
         token = f.read().strip()
     if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
-        raise AccessError(f"--token-file {path}: the token must be one word of at least {MIN_TOKEN_LENGTH} characters.")
+        raise AccessError(f"{option} {path}: the token must be one word of at least {MIN_TOKEN_LENGTH} characters.")
     return token
 
 

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from trame.app import TrameApp, asynchronous
 from trame.ui.vuetify3 import SinglePageWithDrawerLayout
@@ -50,7 +50,7 @@ class EditorApp(TrameApp):
     """One scene, one Session, one page."""
 
     def __init__(self, bundle: str, work_folder: str, data_root: Optional[str] = None,
-                 max_upload_mb: float = 200.0, server=None):
+                 max_upload_mb: float = 200.0, remote: Tuple[str, str] = ("", ""), server=None):
         super().__init__(server)
         self.data_root = Path(data_root).resolve() if data_root else None
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
@@ -59,7 +59,7 @@ class EditorApp(TrameApp):
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
         self.layout_manager.register_layout(LAYOUT, three_slice_layout())
         self.layout_manager.set_layout(LAYOUT)
-        self.session = Session(self.slicer.scene, self.slicer.volumes_logic, work_folder, bundle)
+        self.session = Session(self.slicer.scene, self.slicer.volumes_logic, work_folder, bundle, remote)
         self._poller: Optional[asyncio.Task] = None
         self._count_pending = False
         self._cancelling = False

@@ -20,6 +20,10 @@ from . import access
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gem3d-web", description="GEM-3D editor in a browser (trame-slicer).")
     p.add_argument("--bundle", required=True, help="model bundle folder (bundle.json + safetensors)")
+    p.add_argument("--engine", default="",
+                   help="URL of a `gem3d serve` (one engine per GPU, shared by every session); default: a "
+                        "local `gem3d worker` per session. --bundle is then a local copy of a bundle it serves")
+    p.add_argument("--engine-token-file", help="file holding that server's token")
     p.add_argument("--data-root", help="folder whose scans and .seg.nrrd the page may open (nothing outside it)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
@@ -47,6 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.propagate = False
     try:
         token = access.read_token(args.token_file, args.host)
+        args.engine_token = access.read_token(args.engine_token_file, "127.0.0.1", "--engine-token-file") if args.engine_token_file else ""
         from gem3d.bundle_format import read_bundle_info
 
         read_bundle_info(args.bundle)
@@ -80,7 +85,8 @@ def serve(args, token: Optional[str], work: str) -> int:
     sys.argv = sys.argv[:1] + (["--authKey", args.session_key] if args.session_key else [])
     server = get_server("gem3d_web", client_type="vue3")
     server.options["ws_max_msg_size"] = int(args.max_upload_mb * 1024 * 1024) + 1024 * 1024
-    app = EditorApp(args.bundle, work, data_root=args.data_root, max_upload_mb=args.max_upload_mb, server=server)
+    app = EditorApp(args.bundle, work, data_root=args.data_root, max_upload_mb=args.max_upload_mb,
+                    remote=(args.engine, args.engine_token), server=server)
     if token:
         server.controller.on_server_bind.add(lambda ws: ws.app.middlewares.append(access.middleware(token)))
 

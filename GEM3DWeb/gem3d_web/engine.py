@@ -16,8 +16,8 @@ from GEM3DEditorLib.settings import EngineSettings, GenerateSettings
 
 
 def new_logic(scene, volumes_logic, work_folder: str) -> EditorLogic:
-    """The module's logic on this session's scene; its engine is the default local worker
-    (`<this python> -m gem3d worker`), started on the first Generate and kept."""
+    """The module's logic on this session's scene; its engine is the local worker (`<this python> -m
+    gem3d worker`) or a `gem3d serve` (settings.server_url), started on the first Generate and kept."""
     return EditorLogic(scene, volumes_logic, work_folder)
 
 

@@ -42,6 +42,10 @@ def session_command(args, token_file: Optional[str]) -> List[str]:
         command += ["--data-root", os.path.abspath(args.data_root)]
     if token_file:
         command += ["--token-file", os.path.abspath(token_file)]
+    if args.engine:
+        command += ["--engine", args.engine]
+    if args.engine_token_file:
+        command += ["--engine-token-file", os.path.abspath(args.engine_token_file)]
     return command
 
 

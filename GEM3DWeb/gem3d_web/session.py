@@ -31,12 +31,13 @@ def is_volume_file(name: str) -> bool:
 class Session:
     """The case of one browser session: reference scan, segmentation, last output."""
 
-    def __init__(self, scene, volumes_logic, work_folder: str, bundle: str):
+    def __init__(self, scene, volumes_logic, work_folder: str, bundle: str, remote: Tuple[str, str] = ("", "")):
         engine.register_segmentation_converters()
         self.scene = scene
         self.volumes_logic = volumes_logic
         self.work_folder = work_folder
         self.bundle = bundle
+        self.remote = remote  # (gem3d serve URL, token); ("", ""): a local worker
         self.label_names = engine.bundle_label_names(bundle)
         self.logic = engine.new_logic(scene, volumes_logic, os.path.join(work_folder, "jobs"))
         os.makedirs(self.logic.work_folder, exist_ok=True)
@@ -138,7 +139,7 @@ class Session:
     # ------------------------------------------------------------------ generate
     def generate(self, sampler: Optional[str], steps: Optional[int], seed: int, informed_slice: int):
         self._need_case()
-        settings = engine.generate_settings(self.bundle, sampler, steps, seed, informed_slice)
+        settings = engine.generate_settings(self.bundle, sampler, steps, seed, informed_slice, *self.remote)
         self.output = self.logic.start_generation(settings, self.reference, self.segmentation, self.mapping())
         return self.output
 
