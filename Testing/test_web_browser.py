@@ -56,6 +56,7 @@ def test_sample_then_a_paint_stroke_changes_the_mask(page):
 
 def test_move_the_lesion_and_undo(page):
     before = lesion_centre(page)
+    assert before.shape == (3,)
     page.click("#move_right")
     deadline = time.time() + 10
     while np.allclose(lesion_centre(page), before) and time.time() < deadline:

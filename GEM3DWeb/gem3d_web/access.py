@@ -6,10 +6,11 @@ The same rules as `gem3d serve`; the check is an aiohttp middleware on trame's (
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 from pathlib import Path
 from typing import Optional
+
+from gem3d.commands.serve import is_loopback  # the same rule as gem3d serve
 
 COOKIE = "gem3d_web_token"
 REFUSED = "This GEM-3D editor needs its access token: open the address gem3d-web printed (it ends in ?token=...)."
@@ -18,15 +19,6 @@ MIN_TOKEN_LENGTH = 16
 
 class AccessError(ValueError):
     """A start-up refusal, one sentence for the user."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(path: Optional[str], host: str, option: str = "--token-file") -> Optional[str]:

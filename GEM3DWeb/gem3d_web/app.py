@@ -159,7 +159,7 @@ class EditorApp(TrameApp):
             return
         infos = session.logic.segment_infos(session.segmentation)
         self.state.segments = [{"id": i.segment_id, "name": i.name} for i in infos]
-        self.state.mask_voxels = int((session.mask() > 0).sum())
+        self.state.mask_voxels, self.state.lesion_centre = session.lesion_summary()
 
     def _watch_segmentation(self) -> None:
         """Paint and erase change the segments without passing through this page: recount after them."""
