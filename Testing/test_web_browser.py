@@ -74,6 +74,10 @@ def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_pa
     from gem3d import phantom
     from gem3d.io import read_description, read_volume
 
+    page.click("#informed_pick")
+    informed = int(page.inner_text("#informed_slice").split()[-1])
+    thumb = page.locator("#informed_thumb").screenshot()
+    assert 0 <= informed < 16 and len(thumb) > 500  # a preview of that slice
     reference_view = axial_pixels(page)
     page.fill("#steps", "2")
     page.fill("#seed", "3")
@@ -107,7 +111,8 @@ def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_pa
     assert read_description(tmp_path / "zip" / image).startswith("SYNTHETIC")
     assert read_description(tmp_path / "zip" / segmentation).startswith("SYNTHETIC")
     assert provenance["synthetic"] is True
-    assert provenance["slicer"]["request"]["seed"] == 3 and provenance["slicer"]["request"]["steps"] == 2
+    request = provenance["slicer"]["request"]
+    assert request["seed"] == 3 and request["steps"] == 2 and request["informed"]["slice"] == informed
 
 
 def test_cancel_mid_job(page):

@@ -70,7 +70,7 @@ class EditorApp(TrameApp):
             "segments": [], "segment": None, "windows": 0, "can_export": False, "finished": False,
             "data_files": self._data_files(), "data_scan": None, "data_segmentation": None,
             "max_upload": self.max_upload_bytes,
-            "mask_voxels": 0, "lesion_centre": None,
+            "mask_voxels": 0, "lesion_centre": None, "informed_slice": 0, "informed_thumb": "",
         })
         self.state.change("effect")(self._on_effect)
         self.state.change("brush")(self._on_brush)
@@ -135,6 +135,13 @@ class EditorApp(TrameApp):
     def _generate_controls(self):
         v3.VDivider(classes="my-2")
         html.Div("Generate with {{ bundle_name }}", classes="text-subtitle-2")
+        with html.Div(classes="d-flex align-center ga-2 mb-2"):
+            html.Img(src=("informed_thumb",), v_if="informed_thumb", id="informed_thumb",
+                     style="width: 64px; height: 64px; object-fit: contain; background: black;")
+            with html.Div():
+                html.Div("Informed slice {{ informed_slice }}", id="informed_slice", classes="text-caption")
+                v3.VBtn("Use the axial view's slice", id="informed_pick", size="small", click=self.pick_informed,
+                        disabled=("!loaded || busy",))
         v3.VSelect(label="Sampler (blank: the bundle's)", v_model=("sampler",), items=("samplers",), density="compact")
         v3.VTextField(label="Steps (0: the bundle's)", v_model_number=("steps",), type="number", density="compact",
                       id="steps")
@@ -195,6 +202,12 @@ class EditorApp(TrameApp):
         self._on_effect(self.state.effect)
         self.state.update({"progress": 0, "windows": 0, "can_export": False, "finished": False, "message": ""})
         self._refresh_case()
+        self.pick_informed()
+
+    def pick_informed(self):
+        """The informed slice is the axial view's current slice; its preview shows which."""
+        index = self._informed_index()
+        self.state.informed_slice, self.state.informed_thumb = index, self.session.slice_thumbnail(index)
 
     def _guard(self, action, *args) -> bool:
         try:
@@ -303,11 +316,9 @@ class EditorApp(TrameApp):
         if self.session.reference is None:
             self._say("Load a scan and its segmentation first (Sample, Upload or the data folder).")
             return
-        informed = self._informed_index()
-
         def start():
             self.session.generate(self.state.sampler or None, int(self.state.steps or 0) or None,
-                                  int(self.state.seed or 0), informed)
+                                  int(self.state.seed or 0), int(self.state.informed_slice))
 
         if not self._guard(start):
             return

@@ -20,6 +20,12 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 
 
+def slicer_array(node) -> np.ndarray:
+    import slicer
+
+    return slicer.util.arrayFromVolume(node)
+
+
 def is_segmentation_file(name: str) -> bool:
     return name.lower().endswith(SEGMENTATION_SUFFIX)
 
@@ -112,6 +118,19 @@ class Session:
             return 0, None
         ijk = np.stack([i, j, k, np.ones_like(i)]).astype(float)
         return int(len(k)), [round(float(v), 1) for v in (nodes.ijk_to_ras(self.reference) @ ijk)[:3].mean(axis=1)]
+
+    def slice_thumbnail(self, index: int, max_size: int = 96) -> str:
+        """Axial slice `index` of the scan as the views show it, a PNG data URL (the informed slice's preview)."""
+        import base64
+
+        from PIL import Image
+        from GEM3DEditorLib import thumbnail
+
+        array = slicer_array(self.reference)
+        image = thumbnail.display_slice(array, nodes.ijk_to_ras(self.reference), 0, index)
+        buffer = io.BytesIO()
+        Image.fromarray(thumbnail.resize_nearest(thumbnail.to_uint8(image), max_size)).save(buffer, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
     def edit(self, spec: dict) -> List[str]:
         """Move the mapped segments as one lesion; returns warnings (voxels pushed outside)."""
