@@ -20,14 +20,22 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
+from GEM3DEditorLib import edits
+
 from . import access
 from .session import SEGMENTATION_SUFFIX, VOLUME_SUFFIXES, Session, is_segmentation_file, is_volume_file
 
 log = logging.getLogger("gem3d_web")
 SAMPLERS = ["", "ddim", "dpm", "unipc"]
 EFFECTS = {"none": SegmentationEffectNoTool, "paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}
-MOVES = {"left": (-5.0, 0.0, 0.0), "right": (5.0, 0.0, 0.0), "anterior": (0.0, 5.0, 0.0),
-         "posterior": (0.0, -5.0, 0.0), "up": (0.0, 0.0, 5.0), "down": (0.0, 0.0, -5.0)}
+LESION_EDITS = {  # button id -> (label, edit spec in gem3d.mask_edits' terms)
+    "right": ("right", edits.translate_ras([5.0, 0.0, 0.0])), "left": ("left", edits.translate_ras([-5.0, 0.0, 0.0])),
+    "anterior": ("anterior", edits.translate_ras([0.0, 5.0, 0.0])),
+    "posterior": ("posterior", edits.translate_ras([0.0, -5.0, 0.0])),
+    "up": ("up", edits.translate_ras([0.0, 0.0, 5.0])), "down": ("down", edits.translate_ras([0.0, 0.0, -5.0])),
+    "flip": ("flip L-R", {"op": "flip", "axis": "LR"}), "rotate": ("rotate 10°", edits.rotate_ras([0.0, 0.0, 10.0])),
+    "grow": ("grow", {"op": "scale", "factor": 1.2}), "shrink": ("shrink", {"op": "scale", "factor": 0.8}),
+}
 LAYOUT = "GEM-3D"
 # Oversized uploads are refused in the browser: over the websocket's message limit they would
 # drop the connection instead of getting a sentence.
@@ -125,10 +133,9 @@ class EditorApp(TrameApp):
             v3.VBtn("Erase", value="erase", id="effect_erase")
         v3.VSlider(label="Brush %", v_model=("brush",), min=1, max=20, step=1, density="compact", hide_details=True)
         with html.Div(classes="d-flex flex-wrap ga-1 my-2"):
-            for name in MOVES:
-                v3.VBtn(name, id=f"move_{name}", size="small", disabled=("!loaded || busy",),
-                        click=(self.move, f"['{name}']"))
-            v3.VBtn("flip L-R", id="flip_lr", size="small", disabled=("!loaded || busy",), click=self.flip)
+            for key, (label, _spec) in LESION_EDITS.items():
+                v3.VBtn(label, id=f"edit_{key}", size="small", disabled=("!loaded || busy",),
+                        click=(self.edit_lesion, f"['{key}']"))
             v3.VBtn("Undo", id="undo", size="small", disabled=("!loaded || busy",), click=(self.undo, "[true]"))
             v3.VBtn("Redo", id="redo", size="small", disabled=("!loaded || busy",), click=(self.undo, "[false]"))
 
@@ -292,12 +299,8 @@ class EditorApp(TrameApp):
             self.slicer.segmentation_editor.set_active_segment_id(segment)
 
     # ------------------------------------------------------------------ lesion edits
-    def move(self, name: str):
-        if self._guard(lambda: self._warn(self.session.move(MOVES[name]))):
-            self._refresh_case()
-
-    def flip(self):
-        if self._guard(lambda: self._warn(self.session.flip("LR"))):
+    def edit_lesion(self, key: str):
+        if self._guard(lambda: self._warn(self.session.edit(LESION_EDITS[key][1]))):
             self._refresh_case()
 
     def undo(self, undo: bool = True):

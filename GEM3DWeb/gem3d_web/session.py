@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from GEM3DEditorLib import edits, label_matching, nodes
+from GEM3DEditorLib import label_matching, nodes
 
 from . import engine
 
@@ -133,19 +133,14 @@ class Session:
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
     def edit(self, spec: dict) -> List[str]:
-        """Move the mapped segments as one lesion; returns warnings (voxels pushed outside)."""
+        """Edit the mapped segments as one lesion (move, flip, rotate, scale); returns warnings (voxels pushed
+        outside)."""
         self._need_case()
         ids = list(self.mapping())
         if not ids:
             raise ValueError("No segment is mapped to a model label: there is no lesion to move.")
         _applied, messages = self.logic.edit_segments(self.segmentation, ids, self.reference, [spec])
         return messages
-
-    def move(self, mm_ras) -> List[str]:
-        return self.edit(edits.translate_ras(mm_ras))
-
-    def flip(self, axis: str) -> List[str]:
-        return self.edit({"op": "flip", "axis": axis})
 
     def undo(self, undo: bool = True) -> bool:
         self._need_case()
