@@ -90,3 +90,14 @@ def test_demo_bundle_recipe_runs_end_to_end(tmp_path):
     assert [stages[s]["steps"] for s in ("vae", "stage1", "stage2", "slice")] == [2, 2, 2, 2]
     assert "dataset_command=gem3d phantom --kind brain" in bundle.info["provenance"]["command"]
     assert "final loss" in (tmp_path / "train_demo_bundle.txt").read_text()
+
+
+def test_web_smoke_writes_its_table(tmp_path):
+    result = run("web.py", "--smoke", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "web_smoke.json").read_text())
+    row = report["runs"][0]
+    assert row["engine"] == "local worker" and report["machine"]["cores"]
+    assert 0 < row["first_window_warm_s"] < row["first_window_cold_s"]
+    assert 0 < row["empty_session_mb"] < row["idle_session_mb"] < row["active_session_mb"]
+    assert "| local worker |" in (tmp_path / "web_smoke.md").read_text()

@@ -155,6 +155,23 @@ def test_garbled_and_oversized_uploads_give_one_sentence_and_the_session_keeps_w
     assert "Jane" not in server.log.read_text()
 
 
+def test_upload_a_nifti_scan_and_its_seg_nrrd(page, tmp_path):
+    from gem3d import phantom
+    from gem3d.io import write_segmentation, write_volume
+
+    image, labels, _truth = phantom.make_case("brain", seed=5, index=1, size=48, slices=16)
+    scan, segmentation = tmp_path / "Jane_Doe.nii.gz", tmp_path / "Jane_Doe.seg.nrrd"
+    write_volume(image, scan)
+    write_segmentation(labels, segmentation, [{"name": "enhancing", "label_value": 4}, {"name": "edema", "label_value": 2},
+                                              {"name": "necrosis", "label_value": 1}])
+    page.set_input_files("#upload", [str(scan), str(segmentation)])
+    wait_text(page, "#status", "Uploaded case loaded", timeout_s=30)
+    deadline = time.time() + 10
+    while mask_voxels(page) != int((labels.array > 0).sum()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert mask_voxels(page) == int((labels.array > 0).sum())
+
+
 def test_a_second_browser_session_gets_its_own_process_and_empty_scene(browser, server, page):  # noqa: F811
     try:
         urllib.request.urlopen(server.base, timeout=30)
