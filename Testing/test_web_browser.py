@@ -3,7 +3,10 @@ per page, the module's EditorLogic, a real `gem3d worker` with the demo bundle) 
 Debian's chromium by Playwright."""
 from __future__ import annotations
 
+import glob
 import json
+import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +24,7 @@ def server(tmp_path_factory):
     """wslink's launcher: every browser page gets a scene in its own session process."""
     port, session_port = free_ports(2)
     server = WebServer(tmp_path_factory.mktemp("web"), "--max-upload-mb", "1", "--sessions", "2",
-                       "--port", str(port), "--session-port", str(session_port))
+                       "--port", str(port), "--session-port", str(session_port), "--idle-timeout", "3")
     yield server
     server.stop()
     assert not server.session_processes()
@@ -178,8 +181,17 @@ def test_a_second_browser_session_gets_its_own_process_and_empty_scene(browser, 
         raise AssertionError("the launcher's page opened without the token")
     except urllib.error.HTTPError as e:
         assert e.code == 403
+    folders = set(glob.glob(os.path.join(tempfile.gettempdir(), "gem3d-web-*")))
     second = open_page(browser, server.url)
     assert mask_voxels(second) == 0 and "Load a case" in second.inner_text("#status")
     assert mask_voxels(page) > 100
     assert len(server.session_processes()) == 2
-    second.close()
+    created = set(glob.glob(os.path.join(tempfile.gettempdir(), "gem3d-web-*"))) - folders
+    assert len(created) == 1  # the second session's work folder
+    folder = created.pop()
+    second.close()  # its process stops --idle-timeout s later and removes its folder
+    deadline = time.time() + 60
+    while (len(server.session_processes()) > 1 or os.path.exists(folder)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(server.session_processes()) == 1 and not os.path.exists(folder)
+    assert mask_voxels(page) > 100  # the first session is untouched
