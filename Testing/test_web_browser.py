@@ -93,6 +93,8 @@ def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_pa
     thumb = page.locator("#informed_thumb").screenshot()
     assert 0 <= informed < 16 and len(thumb) > 500  # a preview of that slice
     reference_view = axial_pixels(page)
+    page.locator(".v-select:has(#sampler)").click()
+    page.get_by_role("option", name="ddim").click()
     page.fill("#steps", "2")
     page.fill("#seed", "3")
     page.click("#generate")
@@ -126,7 +128,8 @@ def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_pa
     assert read_description(tmp_path / "zip" / segmentation).startswith("SYNTHETIC")
     assert provenance["synthetic"] is True
     request = provenance["slicer"]["request"]
-    assert request["seed"] == 3 and request["steps"] == 2 and request["informed"]["slice"] == informed
+    assert request["seed"] == 3 and request["steps"] == 2 and request["sampler"] == "ddim"
+    assert request["informed"]["slice"] == informed
 
 
 def test_cancel_mid_job(page):
@@ -165,8 +168,9 @@ def test_upload_a_nifti_scan_and_its_seg_nrrd(page, tmp_path):
     image, labels, _truth = phantom.make_case("brain", seed=5, index=1, size=48, slices=16)
     scan, segmentation = tmp_path / "Jane_Doe.nii.gz", tmp_path / "Jane_Doe.seg.nrrd"
     write_volume(image, scan)
-    write_segmentation(labels, segmentation, [{"name": "enhancing", "label_value": 4}, {"name": "edema", "label_value": 2},
-                                              {"name": "necrosis", "label_value": 1}])
+    segments = [{"name": name, "label_value": value} for name, value in (("enhancing", 4), ("edema", 2),
+                                                                         ("necrosis", 1))]
+    write_segmentation(labels, segmentation, segments)
     page.set_input_files("#upload", [str(scan), str(segmentation)])
     wait_text(page, "#status", "Uploaded case loaded", timeout_s=30)
     deadline = time.time() + 10

@@ -20,13 +20,13 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 
+from gem3d.sampler_settings import SAMPLERS
 from GEM3DEditorLib import edits
 
 from . import access
 from .session import SEGMENTATION_SUFFIX, VOLUME_SUFFIXES, Session, is_segmentation_file, is_volume_file
 
 log = logging.getLogger("gem3d_web")
-SAMPLERS = ["", "ddim", "dpm", "unipc"]
 EFFECTS = {"none": SegmentationEffectNoTool, "paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}
 LESION_EDITS = {  # button id -> (label, edit spec in gem3d.mask_edits' terms)
     "right": ("right", edits.translate_ras([5.0, 0.0, 0.0])), "left": ("left", edits.translate_ras([-5.0, 0.0, 0.0])),
@@ -74,7 +74,7 @@ class EditorApp(TrameApp):
         self.state.update({
             "trame__title": "GEM-3D editor", "message": "", "loaded": False, "busy": False, "progress": 0,
             "status": "Load a case: Sample, Upload or the data folder.", "bundle_name": os.path.basename(bundle),
-            "sampler": "", "samplers": SAMPLERS, "steps": 0, "seed": 0, "effect": "none", "brush": 6.0,
+            "sampler": "", "samplers": ["", *SAMPLERS], "steps": 0, "seed": 0, "effect": "none", "brush": 6.0,
             "segments": [], "segment": None, "windows": 0, "can_export": False, "finished": False,
             "data_files": self._data_files(), "data_scan": None, "data_segmentation": None,
             "max_upload": self.max_upload_bytes,
@@ -149,9 +149,10 @@ class EditorApp(TrameApp):
                 html.Div("Informed slice {{ informed_slice }}", id="informed_slice", classes="text-caption")
                 v3.VBtn("Use the axial view's slice", id="informed_pick", size="small", click=self.pick_informed,
                         disabled=("!loaded || busy",))
-        v3.VSelect(label="Sampler (blank: the bundle's)", v_model=("sampler",), items=("samplers",), density="compact")
-        v3.VTextField(label="Steps (0: the bundle's)", v_model_number=("steps",), type="number", density="compact",
-                      id="steps")
+        v3.VSelect(label="Sampler (blank: the fast default)", v_model=("sampler",), items=("samplers",),
+                   density="compact", id="sampler")
+        v3.VTextField(label="Steps (0: the sampler's default)", v_model_number=("steps",), type="number",
+                      density="compact", id="steps")
         v3.VTextField(label="Seed", v_model_number=("seed",), type="number", density="compact", id="seed")
         with html.Div(classes="d-flex ga-1"):
             v3.VBtn("Generate", id="generate", click=self.generate, disabled=("!loaded || busy",), color="primary")

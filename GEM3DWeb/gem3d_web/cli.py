@@ -51,7 +51,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.propagate = False
     try:
         token = access.read_token(args.token_file, args.host)
-        args.engine_token = access.read_token(args.engine_token_file, "127.0.0.1", "--engine-token-file") if args.engine_token_file else ""
+        args.engine_token = (access.read_token(args.engine_token_file, "127.0.0.1", "--engine-token-file")
+                             if args.engine_token_file else "")
         from gem3d.bundle_format import read_bundle_info
 
         read_bundle_info(args.bundle)
