@@ -19,12 +19,28 @@ from web_fixtures import (axial_pixels, browser, free_ports, lesion_centre, load
                           mask_voxels, open_page, wait_text, WebServer)
 
 
+def phantom_files(folder, seed=5, index=1):
+    """A phantom scan (NIfTI) and its segmentation (.seg.nrrd) with the bundle's label names; its label volume."""
+    from gem3d import phantom
+    from gem3d.io import write_segmentation, write_volume
+
+    image, labels, _truth = phantom.make_case("brain", seed=seed, index=index, size=48, slices=16)
+    scan, segmentation = folder / "Jane_Doe.nii.gz", folder / "Jane_Doe.seg.nrrd"
+    write_volume(image, scan)
+    names = {4: "enhancing", 2: "edema", 1: "necrosis"}
+    write_segmentation(labels, segmentation, [{"name": n, "label_value": v} for v, n in names.items()])
+    return scan, segmentation, labels
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """wslink's launcher: every browser page gets a scene in its own session process."""
     port, session_port = free_ports(2)
+    data = tmp_path_factory.mktemp("data")
+    phantom_files(data, seed=7, index=2)
     server = WebServer(tmp_path_factory.mktemp("web"), "--max-upload-mb", "1", "--sessions", "2",
-                       "--port", str(port), "--session-port", str(session_port), "--idle-timeout", "3")
+                       "--port", str(port), "--session-port", str(session_port), "--idle-timeout", "3",
+                       "--data-root", str(data))
     yield server
     server.stop()
     assert not server.session_processes()
@@ -162,17 +178,24 @@ def test_garbled_and_oversized_uploads_give_one_sentence_and_the_session_keeps_w
 
 
 def test_upload_a_nifti_scan_and_its_seg_nrrd(page, tmp_path):
-    from gem3d import phantom
-    from gem3d.io import write_segmentation, write_volume
-
-    image, labels, _truth = phantom.make_case("brain", seed=5, index=1, size=48, slices=16)
-    scan, segmentation = tmp_path / "Jane_Doe.nii.gz", tmp_path / "Jane_Doe.seg.nrrd"
-    write_volume(image, scan)
-    segments = [{"name": name, "label_value": value} for name, value in (("enhancing", 4), ("edema", 2),
-                                                                         ("necrosis", 1))]
-    write_segmentation(labels, segmentation, segments)
+    scan, segmentation, labels = phantom_files(tmp_path)
     page.set_input_files("#upload", [str(scan), str(segmentation)])
     wait_text(page, "#status", "Uploaded case loaded", timeout_s=30)
+    deadline = time.time() + 10
+    while mask_voxels(page) != int((labels.array > 0).sum()) and time.time() < deadline:
+        time.sleep(0.1)
+    assert mask_voxels(page) == int((labels.array > 0).sum())
+
+
+def test_open_a_case_from_the_data_root(page):
+    from gem3d import phantom
+
+    _image, labels, _truth = phantom.make_case("brain", seed=7, index=2, size=48, slices=16)
+    for select, name in (("#data_scan", "Jane_Doe.nii.gz"), ("#data_segmentation", "Jane_Doe.seg.nrrd")):
+        page.locator(f".v-select:has({select})").click()
+        page.get_by_role("option", name=name, exact=True).click()
+    page.click("#open_data")
+    wait_text(page, "#status", "data folder", timeout_s=30)
     deadline = time.time() + 10
     while mask_voxels(page) != int((labels.array > 0).sum()) and time.time() < deadline:
         time.sleep(0.1)

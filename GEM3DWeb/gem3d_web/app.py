@@ -115,9 +115,9 @@ class EditorApp(TrameApp):
                       change=UPLOAD_JS)
         with html.Div(v_if="data_files.length"):
             v3.VSelect(label="Scan in the data folder", v_model=("data_scan",), items=("data_files",),
-                       density="compact")
+                       density="compact", id="data_scan")
             v3.VSelect(label="Segmentation", v_model=("data_segmentation",), items=("data_files",),
-                       density="compact", clearable=True)
+                       density="compact", clearable=True, id="data_segmentation")
             v3.VBtn("Open", id="open_data", click=self.load_data_files, block=True, disabled=("busy",))
 
     def _edit_controls(self):
