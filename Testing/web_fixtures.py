@@ -137,7 +137,7 @@ def axial_pixels(page) -> np.ndarray:
     """The axial view as the browser shows it (RGB)."""
     from PIL import Image
 
-    return np.asarray(Image.open(io.BytesIO(page.locator("#views img").first.screenshot())).convert("RGB"),
+    return np.asarray(Image.open(io.BytesIO(page.locator("#views img:visible").first.screenshot())).convert("RGB"),
                       dtype=np.float32)
 
 
