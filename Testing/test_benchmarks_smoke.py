@@ -123,3 +123,14 @@ def test_paired_restats_recomputes_the_committed_means(tmp_path):
         assert new["mean"] == pytest.approx(diff["psnr"]["mean"], abs=1e-9)
         assert new["ci95"] == pytest.approx(diff["psnr"]["ci95"], abs=1e-9)
         assert new["t_ci95"][0] < new["mean"] < new["t_ci95"][1] and 0 < new["wilcoxon_p"] <= 1
+
+
+def test_web_smoke_writes_its_table(tmp_path):
+    result = run("web.py", "--smoke", "--out-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "web_smoke.json").read_text())
+    row = report["runs"][0]
+    assert row["engine"] == "local worker" and report["machine"]["cores"]
+    assert 0 < row["first_window_warm_s"] < row["first_window_cold_s"]
+    assert 0 < row["empty_session_mb"] < row["idle_session_mb"] < row["active_session_mb"]
+    assert "| local worker |" in (tmp_path / "web_smoke.md").read_text()

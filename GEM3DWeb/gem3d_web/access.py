@@ -1,0 +1,68 @@
+"""Who may open the page: 127.0.0.1 by default; any other host only with a token, which every
+HTTP request and the websocket must carry (as ?token= once, then as a same-site cookie).
+
+The same rules as `gem3d serve`; the check is an aiohttp middleware on trame's (wslink's) server.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+from typing import Optional
+
+from gem3d.commands.serve import is_loopback  # the same rule as gem3d serve
+
+COOKIE = "gem3d_web_token"
+REFUSED = "This GEM-3D editor needs its access token: open the address gem3d-web printed (it ends in ?token=...)."
+MIN_TOKEN_LENGTH = 16
+
+
+class AccessError(ValueError):
+    """A start-up refusal, one sentence for the user."""
+
+
+def read_token(path: Optional[str], host: str, option: str = "--token-file") -> Optional[str]:
+    """The token from --token-file; refused start-up for another host without one."""
+    if not path:
+        if not is_loopback(host):
+            raise AccessError(f"--host {host} opens the editor to other machines: give --token-file with a token "
+                              "of at least 16 characters.")
+        return None
+    if not os.path.isfile(path):
+        raise AccessError(f"{option} {path} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        token = f.read().strip()
+    if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+        raise AccessError(f"{option} {path}: the token must be one word of at least {MIN_TOKEN_LENGTH} characters.")
+    return token
+
+
+def middleware(token: str):
+    """An aiohttp middleware refusing every request (page, assets, websocket) without the token."""
+    from aiohttp import web
+
+    def matches(value: Optional[str]) -> bool:
+        return bool(value) and hmac.compare_digest(value.encode(), token.encode())
+
+    @web.middleware
+    async def check(request, handler):
+        if matches(request.query.get("token")):
+            response = await handler(request)
+            if not isinstance(response, web.WebSocketResponse):
+                response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=request.secure)
+            return response
+        if matches(request.cookies.get(COOKIE)):
+            return await handler(request)
+        return web.Response(status=403, text=REFUSED)
+
+    return check
+
+
+def confined(root: Optional[Path], relative: str) -> str:
+    """A file inside --data-root (links resolved), or a refusal naming no path."""
+    if root is None:
+        raise ValueError("This editor was started without --data-root: there is no data folder to open.")
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise ValueError("That file is not in the data folder.")
+    return str(path)

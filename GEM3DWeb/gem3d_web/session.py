@@ -1,0 +1,181 @@
+"""One browser session's GEM-3D case on its MRML scene: the scan and segmentation it edits, the
+lesion edits with undo, one generation streamed into an output node, and the export zip.
+
+Everything goes through the module's EditorLogic (via .engine); nothing here draws a page.
+"""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from GEM3DEditorLib import label_matching, nodes
+
+from . import engine
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+SEGMENTATION_SUFFIX = ".seg.nrrd"
+
+
+def slicer_array(node) -> np.ndarray:
+    import slicer
+
+    return slicer.util.arrayFromVolume(node)
+
+
+def is_segmentation_file(name: str) -> bool:
+    return name.lower().endswith(SEGMENTATION_SUFFIX)
+
+
+def is_volume_file(name: str) -> bool:
+    return name.lower().endswith(VOLUME_SUFFIXES) and not is_segmentation_file(name)
+
+
+class Session:
+    """The case of one browser session: reference scan, segmentation, last output."""
+
+    def __init__(self, scene, volumes_logic, work_folder: str, bundle: str, remote: Tuple[str, str] = ("", "")):
+        engine.register_segmentation_converters()
+        self.scene = scene
+        self.volumes_logic = volumes_logic
+        self.work_folder = work_folder
+        self.bundle = bundle
+        self.remote = remote  # (gem3d serve URL, token); ("", ""): a local worker
+        self.label_names = engine.bundle_label_names(bundle)
+        self.logic = engine.new_logic(scene, volumes_logic, os.path.join(work_folder, "jobs"))
+        os.makedirs(self.logic.work_folder, exist_ok=True)
+        self.reference = None
+        self.segmentation = None
+        self.output = None
+
+    # ------------------------------------------------------------------ loading
+    def load_sample(self, seed: int = 0, size: int = 64, slices: int = 16):
+        """A phantom brain case made here (gem3d.phantom), its segments named with the bundle's labels."""
+        from gem3d import phantom
+        from gem3d.io import write_segmentation, write_volume
+
+        image, labels, _truth = phantom.make_case("brain", seed=int(seed), index=0, size=size, slices=slices)
+        folder = self._fresh_folder("sample")
+        scan, segmentation = os.path.join(folder, "scan.nrrd"), os.path.join(folder, "lesion.seg.nrrd")
+        write_volume(image, scan)
+        values = sorted(int(v) for v in np.unique(labels.array) if v > 0)
+        write_segmentation(labels, segmentation,
+                           [{"name": self.label_names.get(v, f"label {v}"), "label_value": v} for v in values])
+        return self.load_files(scan, segmentation, "sample scan")
+
+    def load_files(self, scan: str, segmentation: Optional[str], name: str = "scan"):
+        """Replace the case with a scan and (optionally) its segmentation; on a bad file the old case stays."""
+        reference = nodes.load_volume(self.volumes_logic, scan, name)
+        try:
+            seg = nodes.load_segmentation(self.scene, segmentation, "lesion") if segmentation else None
+        except ValueError:
+            self.scene.RemoveNode(reference)
+            raise
+        if seg is None:
+            seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "lesion")
+            seg.CreateDefaultDisplayNodes()
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+        self.clear()
+        self.reference, self.segmentation = reference, seg
+        return reference, seg
+
+    def clear(self) -> None:
+        """Remove this session's nodes (a new case replaces the old one)."""
+        self.logic.abandon()
+        for node in (self.output, self.segmentation, self.reference):
+            if node is not None and self.scene.IsNodePresent(node):
+                self.scene.RemoveNode(node)
+        self.reference = self.segmentation = self.output = None
+
+    def _fresh_folder(self, stem: str) -> str:
+        index = 0
+        while os.path.exists(os.path.join(self.work_folder, f"{stem}{index}")):
+            index += 1
+        folder = os.path.join(self.work_folder, f"{stem}{index}")
+        os.makedirs(folder)
+        return folder
+
+    # ------------------------------------------------------------------ segments
+    def mapping(self) -> Dict[str, int]:
+        """Segment ID -> bundle label, by the module's matching rules."""
+        if self.segmentation is None:
+            return {}
+        matches, _unmatched = label_matching.match_segments(self.logic.segment_infos(self.segmentation),
+                                                            self.label_names)
+        return {m.segment_id: m.label for m in matches if m.label}
+
+    def mask(self) -> np.ndarray:
+        return self.logic.compose_mask(self.segmentation, self.reference, self.mapping())
+
+    def lesion_summary(self) -> Tuple[int, Optional[List[float]]]:
+        """(mapped voxels, RAS centre in mm or None) of the lesion the model will see."""
+        mask = self.mask()
+        k, j, i = np.nonzero(mask)
+        if not len(k):
+            return 0, None
+        ijk = np.stack([i, j, k, np.ones_like(i)]).astype(float)
+        return int(len(k)), [round(float(v), 1) for v in (nodes.ijk_to_ras(self.reference) @ ijk)[:3].mean(axis=1)]
+
+    def slice_thumbnail(self, index: int, max_size: int = 96) -> str:
+        """Axial slice `index` of the scan as the views show it, a PNG data URL (the informed slice's preview)."""
+        import base64
+
+        from PIL import Image
+        from GEM3DEditorLib import thumbnail
+
+        array = slicer_array(self.reference)
+        image = thumbnail.display_slice(array, nodes.ijk_to_ras(self.reference), 0, index)
+        buffer = io.BytesIO()
+        Image.fromarray(thumbnail.resize_nearest(thumbnail.to_uint8(image), max_size)).save(buffer, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    def edit(self, spec: dict) -> List[str]:
+        """Edit the mapped segments as one lesion (move, flip, rotate, scale); returns warnings (voxels pushed
+        outside)."""
+        self._need_case()
+        ids = list(self.mapping())
+        if not ids:
+            raise ValueError("No segment is mapped to a model label: there is no lesion to move.")
+        _applied, messages = self.logic.edit_segments(self.segmentation, ids, self.reference, [spec])
+        return messages
+
+    def undo(self, undo: bool = True) -> bool:
+        self._need_case()
+        return self.logic.undo_redo(self.segmentation, self.reference, undo) is not None
+
+    def _need_case(self) -> None:
+        if self.reference is None or self.segmentation is None:
+            raise ValueError("Load a scan and its segmentation first (Sample, Upload or the data folder).")
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, sampler: Optional[str], steps: Optional[int], seed: int, informed_slice: int):
+        self._need_case()
+        settings = engine.generate_settings(self.bundle, sampler, steps, seed, informed_slice, *self.remote)
+        self.output = self.logic.start_generation(settings, self.reference, self.segmentation, self.mapping())
+        return self.output
+
+    def poll(self) -> List[dict]:
+        return self.logic.process_events()
+
+    def cancel(self) -> None:
+        self.logic.cancel()
+
+    def export_zip(self) -> bytes:
+        """The synthetic volume, the edited segmentation and the provenance, zipped (all marked synthetic)."""
+        node = self.logic.exportable(self.output)
+        if node is None:
+            raise ValueError("Generate a volume first: only a finished generation can be exported.")
+        folder = self._fresh_folder("export")
+        paths = self.logic.export_case(node, folder, "nrrd")
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in (paths["image"], paths["segmentation"], paths["provenance"]):
+                if path:
+                    archive.write(path, os.path.basename(path))
+        return buffer.getvalue()
+
+    def close(self) -> None:
+        self.logic.shutdown()
