@@ -1,6 +1,7 @@
 """Shared fixtures: small phantom data and a tiny random-weight bundle (real files, no mocks)."""
 from __future__ import annotations
 
+import locale
 import os
 
 import pytest
@@ -29,6 +30,16 @@ def thread_pools_restored():
             os.environ[name] = value
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
+
+
+@pytest.fixture(autouse=True)
+def locale_restored():
+    """Tests that write DICOM series with SimpleITK run GDCM's writer in this process, and it leaves the C
+    locale at "C": Python's default text encoding is then ASCII for every later test (subprocess output
+    with a non-ASCII character fails to decode). Each test starts from the session's locale."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 def tiny_config(window: int = 4, size: int = 32):

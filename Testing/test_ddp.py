@@ -27,7 +27,7 @@ WORKER = textwrap.dedent("""
         run.run_stage(stage)
         state = {k: v.contiguous() for k, v in stage.model.state_dict().items()}
         save_file(state, f"{run_dir}/{name}_rank{ctx.rank}.safetensors")
-    print("world", ctx.world, "rank", ctx.rank)
+    print(f"world {ctx.world} rank {ctx.rank}", flush=True)  # one write: the ranks share stdout
 """)
 
 
