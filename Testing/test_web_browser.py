@@ -19,15 +19,16 @@ from web_fixtures import (axial_pixels, browser, free_ports, lesion_centre, load
                           mask_voxels, open_page, wait_text, WebServer)
 
 
-def phantom_files(folder, seed=5, index=1):
-    """A phantom scan (NIfTI) and its segmentation (.seg.nrrd) with the bundle's label names; its label volume."""
+def phantom_files(folder, seed=5, index=1, names=None):
+    """A phantom scan (NIfTI) and its segmentation (.seg.nrrd), its segments named `names` (label value -> name;
+    default: the bundle's label names); its label volume."""
     from gem3d import phantom
     from gem3d.io import write_segmentation, write_volume
 
     image, labels, _truth = phantom.make_case("brain", seed=seed, index=index, size=48, slices=16)
     scan, segmentation = folder / "Jane_Doe.nii.gz", folder / "Jane_Doe.seg.nrrd"
     write_volume(image, scan)
-    names = {4: "enhancing", 2: "edema", 1: "necrosis"}
+    names = names or {4: "enhancing", 2: "edema", 1: "necrosis"}
     write_segmentation(labels, segmentation, [{"name": n, "label_value": v} for v, n in names.items()])
     return scan, segmentation, labels
 
@@ -126,16 +127,9 @@ def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_pa
     assert int(painted.split()[0]) >= 1
     wait_text(page, "#windows", "100 %", timeout_s=120)
     wait_text(page, "#status", "Done")
-    with page.expect_download() as download:
-        page.click("#export")
-    path = tmp_path / "export.zip"
-    download.value.save_as(path)
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        archive.extractall(tmp_path / "zip")
+    names, provenance = export_files(page, tmp_path)
     image = next(n for n in names if n.endswith(".nrrd") and not n.endswith(".seg.nrrd"))
     segmentation = next(n for n in names if n.endswith(".seg.nrrd"))
-    provenance = json.loads((tmp_path / "zip" / next(n for n in names if n.endswith(".json"))).read_text())
     reference, _labels, _truth = phantom.make_case("brain", seed=0, index=0, size=64, slices=16)
     synthetic = read_volume(tmp_path / "zip" / image)
     assert synthetic.array.shape == reference.array.shape
@@ -204,6 +198,46 @@ def test_open_a_case_from_the_data_root(page):
     while mask_voxels(page) != int((labels.array > 0).sum()) and time.time() < deadline:
         time.sleep(0.1)
     assert mask_voxels(page) == int((labels.array > 0).sum())
+
+
+def export_files(page, folder):
+    """Click Export; the zip's files extracted into folder: (names, provenance)."""
+    with page.expect_download() as download:
+        page.click("#export")
+    path = folder / "export.zip"
+    download.value.save_as(path)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        archive.extractall(folder / "zip")
+    return names, json.loads((folder / "zip" / next(n for n in names if n.endswith(".json"))).read_text())
+
+
+def wait_voxels(page, expected: int) -> int:
+    deadline = time.time() + 10
+    while mask_voxels(page) != expected and time.time() < deadline:
+        time.sleep(0.1)
+    return mask_voxels(page)
+
+
+def test_an_unmatched_segment_is_listed_then_mapped_in_the_table_and_generate_uses_it(page, tmp_path):
+    scan, segmentation, labels = phantom_files(tmp_path, seed=6, names={4: "blob", 2: "edema", 1: "necrosis"})
+    page.set_input_files("#upload", [str(scan), str(segmentation)])
+    row = page.locator("#segment_labels .segment_row", has_text="blob")
+    row.wait_for(timeout=30000)
+    assert "unmatched" in row.inner_text() and "not used" in row.inner_text()
+    assert "name" in page.locator("#segment_labels .segment_row", has_text="edema").inner_text()
+    assert wait_voxels(page, int(np.isin(labels.array, [1, 2]).sum())) == int(np.isin(labels.array, [1, 2]).sum())
+    row.locator(".v-select").click()
+    page.get_by_role("option", name="enhancing", exact=True).click()
+    assert wait_voxels(page, int((labels.array > 0).sum())) == int((labels.array > 0).sum())
+    assert "chosen" in row.inner_text() and "enhancing" in row.inner_text()
+    page.fill("#steps", "2")
+    page.click("#generate")
+    wait_text(page, "#windows", "100 %", timeout_s=120)
+    wait_text(page, "#status", "Done")
+    _names, provenance = export_files(page, tmp_path)
+    mapping = provenance["slicer"]["label_mapping"]
+    assert sorted(mapping.values()) == [1, 2, 4] and len(mapping) == 3
 
 
 def test_a_second_browser_session_gets_its_own_process_and_empty_scene(browser, server, page):  # noqa: F811

@@ -79,6 +79,8 @@ class EditorApp(TrameApp):
             "data_files": self._data_files(), "data_scan": None, "data_segmentation": None,
             "max_upload": self.max_upload_bytes,
             "mask_voxels": 0, "lesion_centre": None, "informed_slice": 0, "informed_thumb": "",
+            "segment_labels": [], "label_items": [{"title": "not used", "value": 0}, *(
+                {"title": name, "value": value} for value, name in sorted(self.session.label_names.items()))],
         })
         self.state.change("effect")(self._on_effect)
         self.state.change("brush")(self._on_brush)
@@ -125,6 +127,13 @@ class EditorApp(TrameApp):
         html.Div("Tumour ({{ mask_voxels }} mapped voxels)", classes="text-subtitle-2", id="mask_voxels")
         html.Div("centre RAS {{ lesion_centre ? lesion_centre.join(', ') : '-' }} mm", classes="text-caption",
                  id="lesion_centre")
+        with html.Div(id="segment_labels"):
+            with html.Div(v_for="row in segment_labels", key="row.id", classes="segment_row d-flex align-center ga-1"):
+                html.Div("{{ row.name }}", classes="text-caption text-truncate", style="width: 35%")
+                v3.VSelect(model_value=("row.label",), items=("label_items",), density="compact",
+                           hide_details=True, disabled=("busy",), classes="label_select",
+                           update_modelValue=(self.choose_label, "[row.id, $event]"))
+                html.Div("{{ row.reason }}", classes="text-caption text-truncate", style="width: 25%")
         v3.VSelect(label="Segment", v_model=("segment",), items=("segments",), item_title="name",
                    item_value="id", density="compact", disabled=("!loaded",))
         with v3.VBtnToggle(v_model=("effect",), mandatory=True, density="compact", divided=True, classes="mb-2"):
@@ -169,11 +178,13 @@ class EditorApp(TrameApp):
     def _refresh_case(self) -> None:
         session = self.session
         self.state.loaded = session.reference is not None
+        matches = session.matches()
+        self.state.segments = [{"id": m.segment_id, "name": m.name} for m in matches]
+        self.state.segment_labels = [{"id": m.segment_id, "name": m.name, "label": m.label or 0, "reason": m.reason}
+                                     for m in matches]
         if session.segmentation is None:
-            self.state.segments, self.state.mask_voxels, self.state.lesion_centre = [], 0, None
+            self.state.mask_voxels, self.state.lesion_centre = 0, None
             return
-        infos = session.logic.segment_infos(session.segmentation)
-        self.state.segments = [{"id": i.segment_id, "name": i.name} for i in infos]
         self.state.mask_voxels, self.state.lesion_centre = session.lesion_summary()
 
     def _watch_segmentation(self) -> None:
@@ -298,6 +309,11 @@ class EditorApp(TrameApp):
     def _on_segment(self, segment, **_):
         if segment and self.session.segmentation is not None:
             self.slicer.segmentation_editor.set_active_segment_id(segment)
+
+    def choose_label(self, segment_id: str, label: int):
+        """The table's choice: the segment maps to that label (0: not used) for the mask and Generate."""
+        if self._guard(self.session.choose_label, segment_id, label):
+            self._refresh_case()
 
     # ------------------------------------------------------------------ lesion edits
     def edit_lesion(self, key: str):

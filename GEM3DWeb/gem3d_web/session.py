@@ -5,6 +5,7 @@ Everything goes through the module's EditorLogic (via .engine); nothing here dra
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import zipfile
@@ -50,6 +51,7 @@ class Session:
         self.reference = None
         self.segmentation = None
         self.output = None
+        self.chosen: Dict[str, int] = {}  # segment ID -> label chosen in the page's table (0: not used)
 
     # ------------------------------------------------------------------ loading
     def load_sample(self, seed: int = 0, size: int = 64, slices: int = 16):
@@ -89,6 +91,7 @@ class Session:
             if node is not None and self.scene.IsNodePresent(node):
                 self.scene.RemoveNode(node)
         self.reference = self.segmentation = self.output = None
+        self.chosen = {}
 
     def _fresh_folder(self, stem: str) -> str:
         index = 0
@@ -99,13 +102,24 @@ class Session:
         return folder
 
     # ------------------------------------------------------------------ segments
-    def mapping(self) -> Dict[str, int]:
-        """Segment ID -> bundle label, by the module's matching rules."""
+    def matches(self) -> List[label_matching.Match]:
+        """Each segment with its label: the one chosen in the page, else the module's matching rules
+        (label None: not used)."""
         if self.segmentation is None:
-            return {}
+            return []
         matches, _unmatched = label_matching.match_segments(self.logic.segment_infos(self.segmentation),
                                                             self.label_names)
-        return {m.segment_id: m.label for m in matches if m.label}
+        return [dataclasses.replace(m, label=self.chosen[m.segment_id] or None, reason="chosen")
+                if m.segment_id in self.chosen else m for m in matches]
+
+    def choose_label(self, segment_id: str, label: int) -> None:
+        if label and int(label) not in self.label_names:
+            raise ValueError(f"Label {label} is not in the bundle's label map: choose one of the listed labels.")
+        self.chosen[segment_id] = int(label or 0)
+
+    def mapping(self) -> Dict[str, int]:
+        """Segment ID -> bundle label, for the mask the model sees."""
+        return {m.segment_id: m.label for m in self.matches() if m.label}
 
     def mask(self) -> np.ndarray:
         return self.logic.compose_mask(self.segmentation, self.reference, self.mapping())
