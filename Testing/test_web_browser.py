@@ -159,6 +159,32 @@ def test_cancel_mid_job(page):
     assert page.is_enabled("#generate") and not page.is_enabled("#export"), page.inner_text("#windows")
 
 
+def test_the_informed_slice_from_another_scan_reaches_the_provenance(page, tmp_path):
+    assert not page.is_enabled("#informed_other")  # no other scan yet
+    same = page.get_attribute("#informed_thumb", "src")
+    page.click("#informed_sample")
+    wait_text(page, "#status", "Other scan loaded", timeout_s=30)
+    page.click("#informed_other")
+    deadline = time.time() + 10
+    while page.get_attribute("#informed_thumb", "src") == same and time.time() < deadline:
+        time.sleep(0.1)
+    assert page.get_attribute("#informed_thumb", "src") != same  # the other scan's slice
+    informed = int(page.inner_text("#informed_slice").split()[-1])
+    page.fill("#steps", "2")
+    page.click("#generate")
+    wait_text(page, "#windows", "100 %", timeout_s=120)
+    wait_text(page, "#status", "Done")
+    _names, provenance = export_files(page, tmp_path)
+    request = provenance["slicer"]["request"]
+    assert request["informed"]["source"] == "other" and request["informed"]["slice"] == informed
+    assert request["informed"]["scan"]
+    page.click("#informed_same")
+    deadline = time.time() + 10
+    while page.get_attribute("#informed_thumb", "src") != same and time.time() < deadline:
+        time.sleep(0.1)
+    assert page.get_attribute("#informed_thumb", "src") == same
+
+
 def test_garbled_and_oversized_uploads_give_one_sentence_and_the_session_keeps_working(page, server, tmp_path):
     garbled = tmp_path / "Jane_Doe_1957.nii.gz"  # a patient's name in the file name never reaches the log
     garbled.write_bytes(b"not a volume at all" * 100)

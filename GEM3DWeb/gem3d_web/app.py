@@ -79,12 +79,14 @@ class EditorApp(TrameApp):
             "data_files": self._data_files(), "data_scan": None, "data_segmentation": None,
             "max_upload": self.max_upload_bytes,
             "mask_voxels": 0, "lesion_centre": None, "informed_slice": 0, "informed_thumb": "",
+            "informed_source": "same", "has_informed": False,
             "segment_labels": [], "label_items": [{"title": "not used", "value": 0}, *(
                 {"title": name, "value": value} for value, name in sorted(self.session.label_names.items()))],
         })
         self.state.change("effect")(self._on_effect)
         self.state.change("brush")(self._on_brush)
         self.state.change("segment")(self._on_segment)
+        self.state.change("informed_source")(lambda **_: self.session.reference is not None and self.pick_informed())
         self.ctrl.trigger("upload")(self.upload)
         self.ctrl.trigger("export_zip")(self.export_zip)
         self._build_ui()
@@ -158,6 +160,13 @@ class EditorApp(TrameApp):
                 html.Div("Informed slice {{ informed_slice }}", id="informed_slice", classes="text-caption")
                 v3.VBtn("Use the axial view's slice", id="informed_pick", size="small", click=self.pick_informed,
                         disabled=("!loaded || busy",))
+        with html.Div(classes="d-flex align-center ga-1 mb-2"):
+            with v3.VBtnToggle(v_model=("informed_source",), mandatory=True, density="compact", divided=True,
+                               disabled=("busy",)):
+                v3.VBtn("This scan", value="same", id="informed_same", size="small")
+                v3.VBtn("Other scan", value="other", id="informed_other", size="small", disabled=("!has_informed",))
+            v3.VBtn("Sample other", id="informed_sample", size="small", click=self.load_informed_sample,
+                    disabled=("busy",))
         v3.VSelect(label="Sampler (blank: the fast default)", v_model=("sampler",), items=("samplers",),
                    density="compact", id="sampler")
         v3.VTextField(label="Steps (0: the sampler's default)", v_model_number=("steps",), type="number",
@@ -223,10 +232,22 @@ class EditorApp(TrameApp):
         self._refresh_case()
         self.pick_informed()
 
+    def _informed_scan(self):
+        return self.session.informed if self.state.informed_source == "other" else self.session.reference
+
     def pick_informed(self):
-        """The informed slice is the axial view's current slice; its preview shows which."""
-        index = self._informed_index()
-        self.state.informed_slice, self.state.informed_thumb = index, self.session.slice_thumbnail(index)
+        """The informed slice is the axial view's current slice of the informed scan; its preview shows which."""
+        node = self._informed_scan()
+        index = self._informed_index(node)
+        self.state.informed_slice, self.state.informed_thumb = index, self.session.slice_thumbnail(node, index)
+
+    def load_informed_sample(self):
+        """Another phantom scan as the informed scan (informed source "other")."""
+        if self._guard(self.session.load_informed_sample, int(self.state.seed or 0)):
+            self.state.has_informed = True
+            self.state.status = "Other scan loaded for the informed slice."
+            if self.session.reference is not None:
+                self.pick_informed()
 
     def _guard(self, action, *args) -> bool:
         try:
@@ -338,7 +359,8 @@ class EditorApp(TrameApp):
             return
         def start():
             self.session.generate(self.state.sampler or None, int(self.state.steps or 0) or None,
-                                  int(self.state.seed or 0), int(self.state.informed_slice))
+                                  int(self.state.seed or 0), int(self.state.informed_slice),
+                                  self.state.informed_source)
 
         if not self._guard(start):
             return
@@ -349,17 +371,17 @@ class EditorApp(TrameApp):
         self._cancelling = False
         self._poller = asynchronous.create_task(self._poll())
 
-    def _informed_index(self) -> int:
-        """The axial slice shown in the axial view (the informed slice)."""
+    def _informed_index(self, node) -> int:
+        """The axial slice of `node` at the axial view's position (the informed slice)."""
         import numpy as np
 
         from GEM3DEditorLib import nodes
 
-        ras_to_ijk = np.linalg.inv(nodes.ijk_to_ras(self.session.reference))
+        ras_to_ijk = np.linalg.inv(nodes.ijk_to_ras(node))
         red = self.slicer.scene.GetNodeByID("vtkMRMLSliceNodeRed")
         centre = [red.GetSliceToRAS().GetElement(i, 3) for i in range(3)] + [1.0]
         k = int(round((ras_to_ijk @ np.asarray(centre))[2]))
-        depth = self.session.reference.GetImageData().GetDimensions()[2]
+        depth = node.GetImageData().GetDimensions()[2]
         return min(max(k, 0), depth - 1)
 
     async def _poll(self):
