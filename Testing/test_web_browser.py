@@ -4,6 +4,7 @@ Debian's chromium by Playwright."""
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import tempfile
@@ -140,6 +141,39 @@ def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_pa
     request = provenance["slicer"]["request"]
     assert request["seed"] == 3 and request["steps"] == 2 and request["sampler"] == "ddim"
     assert request["informed"]["slice"] == informed
+
+
+def test_side_by_side_shows_the_reference_beside_the_synthetic(page):
+    from PIL import Image
+
+    def views():  # an image the layout change replaces is detached while it is read: read again
+        from playwright.sync_api import Error
+
+        try:
+            return [np.asarray(Image.open(io.BytesIO(v.screenshot(timeout=2000))).convert("RGB"), dtype=np.float32)
+                    for v in page.locator("#views img:visible").all()]
+        except Error:
+            return []
+
+    def grey(view):
+        return ((np.ptp(view, axis=2) < 12) & (view.mean(axis=2) > 40)).mean()
+
+    assert len(views()) == 3
+    page.click("#layout_side")
+    deadline, shown = time.time() + 30, []
+    while time.time() < deadline:
+        shown = views()
+        if len(shown) == 2 and shown[0].shape == shown[1].shape and min(grey(v) for v in shown) > 0.05 \
+                and np.abs(shown[0] - shown[1]).mean() > 3.0:
+            break
+        time.sleep(0.2)
+    assert len(shown) == 2 and min(grey(v) for v in shown) > 0.05  # both show a scan
+    assert np.abs(shown[0] - shown[1]).mean() > 3.0  # the reference beside the synthetic, not one volume twice
+    page.click("#layout_three")
+    deadline = time.time() + 30
+    while len(views()) != 3 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(views()) == 3
 
 
 def test_cancel_mid_job(page):

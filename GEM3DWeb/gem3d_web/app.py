@@ -18,7 +18,7 @@ from trame.widgets import vuetify3 as v3
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
-from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps, ViewType
 
 from gem3d.sampler_settings import SAMPLERS
 from GEM3DEditorLib import edits
@@ -36,7 +36,6 @@ LESION_EDITS = {  # button id -> (label, edit spec in gem3d.mask_edits' terms)
     "flip": ("flip L-R", {"op": "flip", "axis": "LR"}), "rotate": ("rotate 10°", edits.rotate_ras([0.0, 0.0, 10.0])),
     "grow": ("grow", {"op": "scale", "factor": 1.2}), "shrink": ("shrink", {"op": "scale", "factor": 0.8}),
 }
-LAYOUT = "GEM-3D"
 # Oversized uploads are refused in the browser: over the websocket's message limit they would
 # drop the connection instead of getting a sentence.
 UPLOAD_JS = ("const files = Array.from($event.target.files || []);"
@@ -47,11 +46,23 @@ UPLOAD_JS = ("const files = Array.from($event.target.files || []);"
              "} else { trigger('upload', [files]); }")
 
 
-def three_slice_layout() -> Layout:
-    return Layout(LayoutDirection.Horizontal, [
-        ViewLayoutDefinition.axial_view(),
-        Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()]),
-    ])
+SYNTHETIC_GROUP = 1  # the side-by-side layout's right view; every other view is in group 0
+
+
+def layouts() -> dict:
+    """Three views (the latest volume: synthetic once generated), or the reference and the synthetic
+    side by side in two axial views."""
+    synthetic = ViewLayoutDefinition("Synthetic", ViewType.SLICE_VIEW,
+                                     ViewProps(orientation="Axial", label="Synthetic", color="#9E9E9E",
+                                               group=SYNTHETIC_GROUP))
+    return {
+        "three": Layout(LayoutDirection.Horizontal, [
+            ViewLayoutDefinition.axial_view(),
+            Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(),
+                                              ViewLayoutDefinition.sagittal_view()]),
+        ]),
+        "side": Layout(LayoutDirection.Horizontal, [ViewLayoutDefinition.axial_view(), synthetic]),
+    }
 
 
 class EditorApp(TrameApp):
@@ -65,8 +76,9 @@ class EditorApp(TrameApp):
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
-        self.layout_manager.register_layout(LAYOUT, three_slice_layout())
-        self.layout_manager.set_layout(LAYOUT)
+        for name, layout in layouts().items():
+            self.layout_manager.register_layout(name, layout)
+        self.layout_manager.set_layout("three")
         self.session = Session(self.slicer.scene, self.slicer.volumes_logic, work_folder, bundle, remote)
         self._poller: Optional[asyncio.Task] = None
         self._count_pending = False
@@ -79,13 +91,14 @@ class EditorApp(TrameApp):
             "data_files": self._data_files(), "data_scan": None, "data_segmentation": None,
             "max_upload": self.max_upload_bytes,
             "mask_voxels": 0, "lesion_centre": None, "informed_slice": 0, "informed_thumb": "",
-            "informed_source": "same", "has_informed": False,
+            "informed_source": "same", "has_informed": False, "layout": "three",
             "segment_labels": [], "label_items": [{"title": "not used", "value": 0}, *(
                 {"title": name, "value": value} for value, name in sorted(self.session.label_names.items()))],
         })
         self.state.change("effect")(self._on_effect)
         self.state.change("brush")(self._on_brush)
         self.state.change("segment")(self._on_segment)
+        self.state.change("layout")(self._on_layout)
         self.state.change("informed_source")(lambda **_: self.session.reference is not None and self.pick_informed())
         self.ctrl.trigger("upload")(self.upload)
         self.ctrl.trigger("export_zip")(self.export_zip)
@@ -98,6 +111,9 @@ class EditorApp(TrameApp):
             layout.root.theme = "dark"
             with layout.toolbar:
                 v3.VSpacer()
+                with v3.VBtnToggle(v_model=("layout",), mandatory=True, density="compact", divided=True):
+                    v3.VBtn("Three views", value="three", id="layout_three", size="small")
+                    v3.VBtn("Side by side", value="side", id="layout_side", size="small")
                 html.Div("{{ status }}", id="status", classes="text-caption mx-4")
             with layout.drawer as drawer:
                 drawer.width = 320
@@ -219,7 +235,7 @@ class EditorApp(TrameApp):
         self._watch_segmentation()
         editor = self.slicer.segmentation_editor
         editor.set_active_segmentation(session.segmentation, session.reference)
-        self.slicer.display_manager.show_volume_in_slice_background(session.reference)
+        self._show_volumes()
         self.slicer.display_manager.show_volume_in_slice_foreground(None)
         self.slicer.display_manager.reset_views()
         mapped = list(session.mapping()) or [s.segment_id for s in session.logic.segment_infos(session.segmentation)]
@@ -234,6 +250,20 @@ class EditorApp(TrameApp):
 
     def _informed_scan(self):
         return self.session.informed if self.state.informed_source == "other" else self.session.reference
+
+    def _show_volumes(self) -> None:
+        """The latest volume (the synthetic once generated) everywhere, but the reference on the left
+        side by side."""
+        session, show = self.session, self.slicer.display_manager.show_volume_in_slice_background
+        latest = session.output if session.output is not None else session.reference
+        show(session.reference if self.state.layout == "side" else latest, 0)
+        show(latest, SYNTHETIC_GROUP)
+
+    def _on_layout(self, layout, **_):
+        self.layout_manager.set_layout(layout)
+        if self.session.reference is not None:
+            self._show_volumes()
+            self.slicer.display_manager.reset_views()
 
     def pick_informed(self):
         """The informed slice is the axial view's current slice of the informed scan; its preview shows which."""
@@ -364,7 +394,7 @@ class EditorApp(TrameApp):
 
         if not self._guard(start):
             return
-        self.slicer.display_manager.show_volume_in_slice_background(self.session.output)
+        self._show_volumes()
         self.state.update({"busy": True, "progress": 0, "windows": 0, "can_export": False, "finished": False,
                            "message": "", "status": "Starting the GEM-3D engine..."})
         log.info("generation started")
