@@ -34,6 +34,34 @@ def phantom_files(folder, seed=5, index=1, names=None):
     return scan, segmentation, labels
 
 
+def export_files(page, folder):
+    """Click Export; the zip's files extracted into folder: (names, provenance)."""
+    with page.expect_download() as download:
+        page.click("#export")
+    path = folder / "export.zip"
+    download.value.save_as(path)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        archive.extractall(folder / "zip")
+    return names, json.loads((folder / "zip" / next(n for n in names if n.endswith(".json"))).read_text())
+
+
+def wait_voxels(page, expected: int) -> int:
+    deadline = time.time() + 10
+    while mask_voxels(page) != expected and time.time() < deadline:
+        time.sleep(0.1)
+    return mask_voxels(page)
+
+
+def generate_and_export(page, folder) -> dict:
+    """Generate with 2 steps, wait for the end, export: the provenance."""
+    page.fill("#steps", "2")
+    page.click("#generate")
+    wait_text(page, "#windows", "100 %", timeout_s=120)
+    wait_text(page, "#status", "Done")
+    return export_files(page, folder)[1]
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """wslink's launcher: every browser page gets a scene in its own session process."""
@@ -204,11 +232,7 @@ def test_the_informed_slice_from_another_scan_reaches_the_provenance(page, tmp_p
         time.sleep(0.1)
     assert page.get_attribute("#informed_thumb", "src") != same  # the other scan's slice
     informed = int(page.inner_text("#informed_slice").split()[-1])
-    page.fill("#steps", "2")
-    page.click("#generate")
-    wait_text(page, "#windows", "100 %", timeout_s=120)
-    wait_text(page, "#status", "Done")
-    _names, provenance = export_files(page, tmp_path)
+    provenance = generate_and_export(page, tmp_path)
     request = provenance["slicer"]["request"]
     assert request["informed"]["source"] == "other" and request["informed"]["slice"] == informed
     assert request["informed"]["scan"]
@@ -260,25 +284,6 @@ def test_open_a_case_from_the_data_root(page):
     assert mask_voxels(page) == int((labels.array > 0).sum())
 
 
-def export_files(page, folder):
-    """Click Export; the zip's files extracted into folder: (names, provenance)."""
-    with page.expect_download() as download:
-        page.click("#export")
-    path = folder / "export.zip"
-    download.value.save_as(path)
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        archive.extractall(folder / "zip")
-    return names, json.loads((folder / "zip" / next(n for n in names if n.endswith(".json"))).read_text())
-
-
-def wait_voxels(page, expected: int) -> int:
-    deadline = time.time() + 10
-    while mask_voxels(page) != expected and time.time() < deadline:
-        time.sleep(0.1)
-    return mask_voxels(page)
-
-
 def test_an_unmatched_segment_is_listed_then_mapped_in_the_table_and_generate_uses_it(page, tmp_path):
     scan, segmentation, labels = phantom_files(tmp_path, seed=6, names={4: "blob", 2: "edema", 1: "necrosis"})
     page.set_input_files("#upload", [str(scan), str(segmentation)])
@@ -291,11 +296,7 @@ def test_an_unmatched_segment_is_listed_then_mapped_in_the_table_and_generate_us
     page.get_by_role("option", name="enhancing", exact=True).click()
     assert wait_voxels(page, int((labels.array > 0).sum())) == int((labels.array > 0).sum())
     assert "chosen" in row.inner_text() and "enhancing" in row.inner_text()
-    page.fill("#steps", "2")
-    page.click("#generate")
-    wait_text(page, "#windows", "100 %", timeout_s=120)
-    wait_text(page, "#status", "Done")
-    _names, provenance = export_files(page, tmp_path)
+    provenance = generate_and_export(page, tmp_path)
     mapping = provenance["slicer"]["label_mapping"]
     assert sorted(mapping.values()) == [1, 2, 4] and len(mapping) == 3
 
