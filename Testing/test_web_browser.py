@@ -197,6 +197,7 @@ def test_side_by_side_shows_the_reference_beside_the_synthetic(page):
         time.sleep(0.2)
     assert len(shown) == 2 and min(grey(v) for v in shown) > 0.05  # both show a scan
     assert np.abs(shown[0] - shown[1]).mean() > 3.0  # the reference beside the synthetic, not one volume twice
+    assert grey(shown[1]) == pytest.approx(grey(shown[0]), rel=0.3)  # at one zoom: the head fills as much
     page.click("#layout_three")
     deadline = time.time() + 30
     while len(views()) != 3 and time.time() < deadline:

@@ -79,6 +79,9 @@ class EditorApp(TrameApp):
         for name, layout in layouts().items():
             self.layout_manager.register_layout(name, layout)
         self.layout_manager.set_layout("three")
+        self._unfitted = set()  # slice views to fit to the scan when the browser gives them their size
+        for view in self.slicer.view_manager.get_slice_views():
+            view.interactor().AddObserver("WindowResizeEvent", lambda *_, view=view: self._fit_resized(view))
         self.session = Session(self.slicer.scene, self.slicer.volumes_logic, work_folder, bundle, remote)
         self._poller: Optional[asyncio.Task] = None
         self._count_pending = False
@@ -260,10 +263,18 @@ class EditorApp(TrameApp):
         show(latest, SYNTHETIC_GROUP)
 
     def _on_layout(self, layout, **_):
+        """A view shown for the first time gets its size from the browser after this: it is fitted then."""
         self.layout_manager.set_layout(layout)
+        self._unfitted = set(self.slicer.view_manager.get_slice_views())
         if self.session.reference is not None:
             self._show_volumes()
             self.slicer.display_manager.reset_views()
+
+    def _fit_resized(self, view) -> None:
+        if view in self._unfitted and self.session.reference is not None:
+            self._unfitted.discard(view)
+            view.fit_view_to_content()
+            view.schedule_render()
 
     def pick_informed(self):
         """The informed slice is the axial view's current slice of the informed scan; its preview shows which."""
