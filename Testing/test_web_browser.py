@@ -4,6 +4,7 @@ Debian's chromium by Playwright."""
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import tempfile
@@ -19,17 +20,46 @@ from web_fixtures import (axial_pixels, browser, free_ports, lesion_centre, load
                           mask_voxels, open_page, wait_text, WebServer)
 
 
-def phantom_files(folder, seed=5, index=1):
-    """A phantom scan (NIfTI) and its segmentation (.seg.nrrd) with the bundle's label names; its label volume."""
+def phantom_files(folder, seed=5, index=1, names=None):
+    """A phantom scan (NIfTI) and its segmentation (.seg.nrrd), its segments named `names` (label value -> name;
+    default: the bundle's label names); its label volume."""
     from gem3d import phantom
     from gem3d.io import write_segmentation, write_volume
 
     image, labels, _truth = phantom.make_case("brain", seed=seed, index=index, size=48, slices=16)
     scan, segmentation = folder / "Jane_Doe.nii.gz", folder / "Jane_Doe.seg.nrrd"
     write_volume(image, scan)
-    names = {4: "enhancing", 2: "edema", 1: "necrosis"}
+    names = names or {4: "enhancing", 2: "edema", 1: "necrosis"}
     write_segmentation(labels, segmentation, [{"name": n, "label_value": v} for v, n in names.items()])
     return scan, segmentation, labels
+
+
+def export_files(page, folder):
+    """Click Export; the zip's files extracted into folder: (names, provenance)."""
+    with page.expect_download() as download:
+        page.click("#export")
+    path = folder / "export.zip"
+    download.value.save_as(path)
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        archive.extractall(folder / "zip")
+    return names, json.loads((folder / "zip" / next(n for n in names if n.endswith(".json"))).read_text())
+
+
+def wait_voxels(page, expected: int) -> int:
+    deadline = time.time() + 10
+    while mask_voxels(page) != expected and time.time() < deadline:
+        time.sleep(0.1)
+    return mask_voxels(page)
+
+
+def generate_and_export(page, folder) -> dict:
+    """Generate with 2 steps, wait for the end, export: the provenance."""
+    page.fill("#steps", "2")
+    page.click("#generate")
+    wait_text(page, "#windows", "100 %", timeout_s=120)
+    wait_text(page, "#status", "Done")
+    return export_files(page, folder)[1]
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +156,9 @@ def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_pa
     assert int(painted.split()[0]) >= 1
     wait_text(page, "#windows", "100 %", timeout_s=120)
     wait_text(page, "#status", "Done")
-    with page.expect_download() as download:
-        page.click("#export")
-    path = tmp_path / "export.zip"
-    download.value.save_as(path)
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        archive.extractall(tmp_path / "zip")
+    names, provenance = export_files(page, tmp_path)
     image = next(n for n in names if n.endswith(".nrrd") and not n.endswith(".seg.nrrd"))
     segmentation = next(n for n in names if n.endswith(".seg.nrrd"))
-    provenance = json.loads((tmp_path / "zip" / next(n for n in names if n.endswith(".json"))).read_text())
     reference, _labels, _truth = phantom.make_case("brain", seed=0, index=0, size=64, slices=16)
     synthetic = read_volume(tmp_path / "zip" / image)
     assert synthetic.array.shape == reference.array.shape
@@ -146,6 +169,40 @@ def test_generate_paints_the_first_window_then_exports_a_marked_zip(page, tmp_pa
     request = provenance["slicer"]["request"]
     assert request["seed"] == 3 and request["steps"] == 2 and request["sampler"] == "ddim"
     assert request["informed"]["slice"] == informed
+
+
+def test_side_by_side_shows_the_reference_beside_the_synthetic(page):
+    from PIL import Image
+
+    def views():  # an image the layout change replaces is detached while it is read: read again
+        from playwright.sync_api import Error
+
+        try:
+            return [np.asarray(Image.open(io.BytesIO(v.screenshot(timeout=2000))).convert("RGB"), dtype=np.float32)
+                    for v in page.locator("#views img:visible").all()]
+        except Error:
+            return []
+
+    def grey(view):
+        return ((np.ptp(view, axis=2) < 12) & (view.mean(axis=2) > 40)).mean()
+
+    assert len(views()) == 3
+    page.click("#layout_side")
+    deadline, shown = time.time() + 30, []
+    while time.time() < deadline:
+        shown = views()
+        if len(shown) == 2 and shown[0].shape == shown[1].shape and min(grey(v) for v in shown) > 0.05 \
+                and np.abs(shown[0] - shown[1]).mean() > 3.0:
+            break
+        time.sleep(0.2)
+    assert len(shown) == 2 and min(grey(v) for v in shown) > 0.05  # both show a scan
+    assert np.abs(shown[0] - shown[1]).mean() > 3.0  # the reference beside the synthetic, not one volume twice
+    assert grey(shown[1]) == pytest.approx(grey(shown[0]), rel=0.3)  # at one zoom: the head fills as much
+    page.click("#layout_three")
+    deadline = time.time() + 30
+    while len(views()) != 3 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(views()) == 3
 
 
 def test_cancel_mid_job(page):
@@ -163,6 +220,28 @@ def test_cancel_mid_job(page):
     while page.is_enabled("#export") and time.time() < deadline:
         time.sleep(0.1)
     assert page.is_enabled("#generate") and not page.is_enabled("#export"), page.inner_text("#windows")
+
+
+def test_the_informed_slice_from_another_scan_reaches_the_provenance(page, tmp_path):
+    assert not page.is_enabled("#informed_other")  # no other scan yet
+    same = page.get_attribute("#informed_thumb", "src")
+    page.click("#informed_sample")
+    wait_text(page, "#status", "Other scan loaded", timeout_s=30)
+    page.click("#informed_other")
+    deadline = time.time() + 10
+    while page.get_attribute("#informed_thumb", "src") == same and time.time() < deadline:
+        time.sleep(0.1)
+    assert page.get_attribute("#informed_thumb", "src") != same  # the other scan's slice
+    informed = int(page.inner_text("#informed_slice").split()[-1])
+    provenance = generate_and_export(page, tmp_path)
+    request = provenance["slicer"]["request"]
+    assert request["informed"]["source"] == "other" and request["informed"]["slice"] == informed
+    assert request["informed"]["scan"]
+    page.click("#informed_same")
+    deadline = time.time() + 10
+    while page.get_attribute("#informed_thumb", "src") != same and time.time() < deadline:
+        time.sleep(0.1)
+    assert page.get_attribute("#informed_thumb", "src") == same
 
 
 def test_garbled_and_oversized_uploads_give_one_sentence_and_the_session_keeps_working(page, server, tmp_path):
@@ -204,6 +283,23 @@ def test_open_a_case_from_the_data_root(page):
     while mask_voxels(page) != int((labels.array > 0).sum()) and time.time() < deadline:
         time.sleep(0.1)
     assert mask_voxels(page) == int((labels.array > 0).sum())
+
+
+def test_an_unmatched_segment_is_listed_then_mapped_in_the_table_and_generate_uses_it(page, tmp_path):
+    scan, segmentation, labels = phantom_files(tmp_path, seed=6, names={4: "blob", 2: "edema", 1: "necrosis"})
+    page.set_input_files("#upload", [str(scan), str(segmentation)])
+    row = page.locator("#segment_labels .segment_row", has_text="blob")
+    row.wait_for(timeout=30000)
+    assert "unmatched" in row.inner_text() and "not used" in row.inner_text()
+    assert "name" in page.locator("#segment_labels .segment_row", has_text="edema").inner_text()
+    assert wait_voxels(page, int(np.isin(labels.array, [1, 2]).sum())) == int(np.isin(labels.array, [1, 2]).sum())
+    row.locator(".v-select").click()
+    page.get_by_role("option", name="enhancing", exact=True).click()
+    assert wait_voxels(page, int((labels.array > 0).sum())) == int((labels.array > 0).sum())
+    assert "chosen" in row.inner_text() and "enhancing" in row.inner_text()
+    provenance = generate_and_export(page, tmp_path)
+    mapping = provenance["slicer"]["label_mapping"]
+    assert sorted(mapping.values()) == [1, 2, 4] and len(mapping) == 3
 
 
 def test_a_second_browser_session_gets_its_own_process_and_empty_scene(browser, server, page):  # noqa: F811

@@ -18,7 +18,7 @@ from trame.widgets import vuetify3 as v3
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
-from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition, ViewProps, ViewType
 
 from gem3d.sampler_settings import SAMPLERS
 from GEM3DEditorLib import edits
@@ -36,7 +36,6 @@ LESION_EDITS = {  # button id -> (label, edit spec in gem3d.mask_edits' terms)
     "flip": ("flip L-R", {"op": "flip", "axis": "LR"}), "rotate": ("rotate 10°", edits.rotate_ras([0.0, 0.0, 10.0])),
     "grow": ("grow", {"op": "scale", "factor": 1.2}), "shrink": ("shrink", {"op": "scale", "factor": 0.8}),
 }
-LAYOUT = "GEM-3D"
 # Oversized uploads are refused in the browser: over the websocket's message limit they would
 # drop the connection instead of getting a sentence.
 UPLOAD_JS = ("const files = Array.from($event.target.files || []);"
@@ -47,11 +46,23 @@ UPLOAD_JS = ("const files = Array.from($event.target.files || []);"
              "} else { trigger('upload', [files]); }")
 
 
-def three_slice_layout() -> Layout:
-    return Layout(LayoutDirection.Horizontal, [
-        ViewLayoutDefinition.axial_view(),
-        Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(), ViewLayoutDefinition.sagittal_view()]),
-    ])
+SYNTHETIC_GROUP = 1  # the side-by-side layout's right view; every other view is in group 0
+
+
+def layouts() -> dict:
+    """Three views (the latest volume: synthetic once generated), or the reference and the synthetic
+    side by side in two axial views."""
+    synthetic = ViewLayoutDefinition("Synthetic", ViewType.SLICE_VIEW,
+                                     ViewProps(orientation="Axial", label="Synthetic", color="#9E9E9E",
+                                               group=SYNTHETIC_GROUP))
+    return {
+        "three": Layout(LayoutDirection.Horizontal, [
+            ViewLayoutDefinition.axial_view(),
+            Layout(LayoutDirection.Vertical, [ViewLayoutDefinition.coronal_view(),
+                                              ViewLayoutDefinition.sagittal_view()]),
+        ]),
+        "side": Layout(LayoutDirection.Horizontal, [ViewLayoutDefinition.axial_view(), synthetic]),
+    }
 
 
 class EditorApp(TrameApp):
@@ -65,8 +76,12 @@ class EditorApp(TrameApp):
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
         self.layout_manager = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
-        self.layout_manager.register_layout(LAYOUT, three_slice_layout())
-        self.layout_manager.set_layout(LAYOUT)
+        for name, layout in layouts().items():
+            self.layout_manager.register_layout(name, layout)
+        self.layout_manager.set_layout("three")
+        self._unfitted = set()  # slice views to fit to the scan when the browser gives them their size
+        for view in self.slicer.view_manager.get_slice_views():
+            view.interactor().AddObserver("WindowResizeEvent", lambda *_, view=view: self._fit_resized(view))
         self.session = Session(self.slicer.scene, self.slicer.volumes_logic, work_folder, bundle, remote)
         self._poller: Optional[asyncio.Task] = None
         self._count_pending = False
@@ -79,10 +94,15 @@ class EditorApp(TrameApp):
             "data_files": self._data_files(), "data_scan": None, "data_segmentation": None,
             "max_upload": self.max_upload_bytes,
             "mask_voxels": 0, "lesion_centre": None, "informed_slice": 0, "informed_thumb": "",
+            "informed_source": "same", "has_informed": False, "layout": "three",
+            "segment_labels": [], "label_items": [{"title": "not used", "value": 0}, *(
+                {"title": name, "value": value} for value, name in sorted(self.session.label_names.items()))],
         })
         self.state.change("effect")(self._on_effect)
         self.state.change("brush")(self._on_brush)
         self.state.change("segment")(self._on_segment)
+        self.state.change("layout")(self._on_layout)
+        self.state.change("informed_source")(lambda **_: self.session.reference is not None and self.pick_informed())
         self.ctrl.trigger("upload")(self.upload)
         self.ctrl.trigger("export_zip")(self.export_zip)
         self._build_ui()
@@ -94,6 +114,9 @@ class EditorApp(TrameApp):
             layout.root.theme = "dark"
             with layout.toolbar:
                 v3.VSpacer()
+                with v3.VBtnToggle(v_model=("layout",), mandatory=True, density="compact", divided=True):
+                    v3.VBtn("Three views", value="three", id="layout_three", size="small")
+                    v3.VBtn("Side by side", value="side", id="layout_side", size="small")
                 html.Div("{{ status }}", id="status", classes="text-caption mx-4")
             with layout.drawer as drawer:
                 drawer.width = 320
@@ -125,6 +148,13 @@ class EditorApp(TrameApp):
         html.Div("Tumour ({{ mask_voxels }} mapped voxels)", classes="text-subtitle-2", id="mask_voxels")
         html.Div("centre RAS {{ lesion_centre ? lesion_centre.join(', ') : '-' }} mm", classes="text-caption",
                  id="lesion_centre")
+        with html.Div(id="segment_labels"):
+            with html.Div(v_for="row in segment_labels", key="row.id", classes="segment_row d-flex align-center ga-1"):
+                html.Div("{{ row.name }}", classes="text-caption text-truncate", style="width: 35%")
+                v3.VSelect(model_value=("row.label",), items=("label_items",), density="compact",
+                           hide_details=True, disabled=("busy",), classes="label_select",
+                           update_modelValue=(self.choose_label, "[row.id, $event]"))
+                html.Div("{{ row.reason }}", classes="text-caption text-truncate", style="width: 25%")
         v3.VSelect(label="Segment", v_model=("segment",), items=("segments",), item_title="name",
                    item_value="id", density="compact", disabled=("!loaded",))
         with v3.VBtnToggle(v_model=("effect",), mandatory=True, density="compact", divided=True, classes="mb-2"):
@@ -149,6 +179,13 @@ class EditorApp(TrameApp):
                 html.Div("Informed slice {{ informed_slice }}", id="informed_slice", classes="text-caption")
                 v3.VBtn("Use the axial view's slice", id="informed_pick", size="small", click=self.pick_informed,
                         disabled=("!loaded || busy",))
+        with html.Div(classes="d-flex align-center ga-1 mb-2"):
+            with v3.VBtnToggle(v_model=("informed_source",), mandatory=True, density="compact", divided=True,
+                               disabled=("busy",)):
+                v3.VBtn("This scan", value="same", id="informed_same", size="small")
+                v3.VBtn("Other scan", value="other", id="informed_other", size="small", disabled=("!has_informed",))
+            v3.VBtn("Sample other", id="informed_sample", size="small", click=self.load_informed_sample,
+                    disabled=("busy",))
         v3.VSelect(label="Sampler (blank: the fast default)", v_model=("sampler",), items=("samplers",),
                    density="compact", id="sampler")
         v3.VTextField(label="Steps (0: the sampler's default)", v_model_number=("steps",), type="number",
@@ -169,11 +206,13 @@ class EditorApp(TrameApp):
     def _refresh_case(self) -> None:
         session = self.session
         self.state.loaded = session.reference is not None
+        matches = session.matches()
+        self.state.segments = [{"id": m.segment_id, "name": m.name} for m in matches]
+        self.state.segment_labels = [{"id": m.segment_id, "name": m.name, "label": m.label or 0, "reason": m.reason}
+                                     for m in matches]
         if session.segmentation is None:
-            self.state.segments, self.state.mask_voxels, self.state.lesion_centre = [], 0, None
+            self.state.mask_voxels, self.state.lesion_centre = 0, None
             return
-        infos = session.logic.segment_infos(session.segmentation)
-        self.state.segments = [{"id": i.segment_id, "name": i.name} for i in infos]
         self.state.mask_voxels, self.state.lesion_centre = session.lesion_summary()
 
     def _watch_segmentation(self) -> None:
@@ -199,7 +238,7 @@ class EditorApp(TrameApp):
         self._watch_segmentation()
         editor = self.slicer.segmentation_editor
         editor.set_active_segmentation(session.segmentation, session.reference)
-        self.slicer.display_manager.show_volume_in_slice_background(session.reference)
+        self._show_volumes()
         self.slicer.display_manager.show_volume_in_slice_foreground(None)
         self.slicer.display_manager.reset_views()
         mapped = list(session.mapping()) or [s.segment_id for s in session.logic.segment_infos(session.segmentation)]
@@ -212,10 +251,44 @@ class EditorApp(TrameApp):
         self._refresh_case()
         self.pick_informed()
 
+    def _informed_scan(self):
+        return self.session.informed if self.state.informed_source == "other" else self.session.reference
+
+    def _show_volumes(self) -> None:
+        """The latest volume (the synthetic once generated) everywhere, but the reference on the left
+        side by side."""
+        session, show = self.session, self.slicer.display_manager.show_volume_in_slice_background
+        latest = session.output if session.output is not None else session.reference
+        show(session.reference if self.state.layout == "side" else latest, 0)
+        show(latest, SYNTHETIC_GROUP)
+
+    def _on_layout(self, layout, **_):
+        """A view shown for the first time gets its size from the browser after this: it is fitted then."""
+        self.layout_manager.set_layout(layout)
+        self._unfitted = set(self.slicer.view_manager.get_slice_views())
+        if self.session.reference is not None:
+            self._show_volumes()
+            self.slicer.display_manager.reset_views()
+
+    def _fit_resized(self, view) -> None:
+        if view in self._unfitted and self.session.reference is not None:
+            self._unfitted.discard(view)
+            view.fit_view_to_content()
+            view.schedule_render()
+
     def pick_informed(self):
-        """The informed slice is the axial view's current slice; its preview shows which."""
-        index = self._informed_index()
-        self.state.informed_slice, self.state.informed_thumb = index, self.session.slice_thumbnail(index)
+        """The informed slice is the axial view's current slice of the informed scan; its preview shows which."""
+        node = self._informed_scan()
+        index = self._informed_index(node)
+        self.state.informed_slice, self.state.informed_thumb = index, self.session.slice_thumbnail(node, index)
+
+    def load_informed_sample(self):
+        """Another phantom scan as the informed scan (informed source "other")."""
+        if self._guard(self.session.load_informed_sample, int(self.state.seed or 0)):
+            self.state.has_informed = True
+            self.state.status = "Other scan loaded for the informed slice."
+            if self.session.reference is not None:
+                self.pick_informed()
 
     def _guard(self, action, *args) -> bool:
         try:
@@ -299,6 +372,11 @@ class EditorApp(TrameApp):
         if segment and self.session.segmentation is not None:
             self.slicer.segmentation_editor.set_active_segment_id(segment)
 
+    def choose_label(self, segment_id: str, label: int):
+        """The table's choice: the segment maps to that label (0: not used) for the mask and Generate."""
+        if self._guard(self.session.choose_label, segment_id, label):
+            self._refresh_case()
+
     # ------------------------------------------------------------------ lesion edits
     def edit_lesion(self, key: str):
         if self._guard(lambda: self._warn(self.session.edit(LESION_EDITS[key][1]))):
@@ -322,28 +400,29 @@ class EditorApp(TrameApp):
             return
         def start():
             self.session.generate(self.state.sampler or None, int(self.state.steps or 0) or None,
-                                  int(self.state.seed or 0), int(self.state.informed_slice))
+                                  int(self.state.seed or 0), int(self.state.informed_slice),
+                                  self.state.informed_source)
 
         if not self._guard(start):
             return
-        self.slicer.display_manager.show_volume_in_slice_background(self.session.output)
+        self._show_volumes()
         self.state.update({"busy": True, "progress": 0, "windows": 0, "can_export": False, "finished": False,
                            "message": "", "status": "Starting the GEM-3D engine..."})
         log.info("generation started")
         self._cancelling = False
         self._poller = asynchronous.create_task(self._poll())
 
-    def _informed_index(self) -> int:
-        """The axial slice shown in the axial view (the informed slice)."""
+    def _informed_index(self, node) -> int:
+        """The axial slice of `node` at the axial view's position (the informed slice)."""
         import numpy as np
 
         from GEM3DEditorLib import nodes
 
-        ras_to_ijk = np.linalg.inv(nodes.ijk_to_ras(self.session.reference))
+        ras_to_ijk = np.linalg.inv(nodes.ijk_to_ras(node))
         red = self.slicer.scene.GetNodeByID("vtkMRMLSliceNodeRed")
         centre = [red.GetSliceToRAS().GetElement(i, 3) for i in range(3)] + [1.0]
         k = int(round((ras_to_ijk @ np.asarray(centre))[2]))
-        depth = self.session.reference.GetImageData().GetDimensions()[2]
+        depth = node.GetImageData().GetDimensions()[2]
         return min(max(k, 0), depth - 1)
 
     async def _poll(self):

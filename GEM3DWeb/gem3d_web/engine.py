@@ -22,11 +22,12 @@ def new_logic(scene, volumes_logic, work_folder: str) -> EditorLogic:
 
 
 def generate_settings(bundle: str, sampler: Optional[str], steps: Optional[int], seed: int,
-                      informed_slice: int, server_url: str = "", server_token: str = "") -> GenerateSettings:
+                      informed_slice: int, informed_source: str = "same", server_url: str = "",
+                      server_token: str = "") -> GenerateSettings:
     """No engine Python is chosen: the session's own Python runs the worker."""
     engine = EngineSettings(sampler=sampler or None, steps=steps or None, seed=int(seed), device="auto",
                             engine_python="", server_url=server_url, server_token=server_token)
-    return GenerateSettings(bundle, informed_source="same", informed_slice=int(informed_slice), start=None,
+    return GenerateSettings(bundle, informed_source=informed_source, informed_slice=int(informed_slice), start=None,
                             engine=engine)
 
 

@@ -5,6 +5,7 @@ Everything goes through the module's EditorLogic (via .engine); nothing here dra
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import zipfile
@@ -50,17 +51,27 @@ class Session:
         self.reference = None
         self.segmentation = None
         self.output = None
+        self.informed = None  # another scan that provides the informed slice (informed source "other")
+        self.chosen: Dict[str, int] = {}  # segment ID -> label chosen in the page's table (0: not used)
 
     # ------------------------------------------------------------------ loading
-    def load_sample(self, seed: int = 0, size: int = 64, slices: int = 16):
-        """A phantom brain case made here (gem3d.phantom), its segments named with the bundle's labels."""
+    def _phantom(self, seed: int, index: int):
+        """A phantom brain case made here (gem3d.phantom): (scan file, label volume, its folder)."""
         from gem3d import phantom
-        from gem3d.io import write_segmentation, write_volume
+        from gem3d.io import write_volume
 
-        image, labels, _truth = phantom.make_case("brain", seed=int(seed), index=0, size=size, slices=slices)
+        image, labels, _truth = phantom.make_case("brain", seed=int(seed), index=index, size=64, slices=16)
         folder = self._fresh_folder("sample")
-        scan, segmentation = os.path.join(folder, "scan.nrrd"), os.path.join(folder, "lesion.seg.nrrd")
+        scan = os.path.join(folder, "scan.nrrd")
         write_volume(image, scan)
+        return scan, labels, folder
+
+    def load_sample(self, seed: int = 0):
+        """A phantom case, its segments named with the bundle's labels."""
+        from gem3d.io import write_segmentation
+
+        scan, labels, folder = self._phantom(seed, 0)
+        segmentation = os.path.join(folder, "lesion.seg.nrrd")
         values = sorted(int(v) for v in np.unique(labels.array) if v > 0)
         write_segmentation(labels, segmentation,
                            [{"name": self.label_names.get(v, f"label {v}"), "label_value": v} for v in values])
@@ -82,6 +93,15 @@ class Session:
         self.reference, self.segmentation = reference, seg
         return reference, seg
 
+    def load_informed_sample(self, seed: int = 0):
+        """Another phantom scan (the next seed, same grid) as the scan that provides the informed slice."""
+        scan, _labels, _folder = self._phantom(int(seed) + 1, 1)
+        informed = nodes.load_volume(self.volumes_logic, scan, "informed scan")
+        if self.informed is not None and self.scene.IsNodePresent(self.informed):
+            self.scene.RemoveNode(self.informed)
+        self.informed = informed
+        return informed
+
     def clear(self) -> None:
         """Remove this session's nodes (a new case replaces the old one)."""
         self.logic.abandon()
@@ -89,6 +109,7 @@ class Session:
             if node is not None and self.scene.IsNodePresent(node):
                 self.scene.RemoveNode(node)
         self.reference = self.segmentation = self.output = None
+        self.chosen = {}
 
     def _fresh_folder(self, stem: str) -> str:
         index = 0
@@ -99,13 +120,24 @@ class Session:
         return folder
 
     # ------------------------------------------------------------------ segments
-    def mapping(self) -> Dict[str, int]:
-        """Segment ID -> bundle label, by the module's matching rules."""
+    def matches(self) -> List[label_matching.Match]:
+        """Each segment with its label: the one chosen in the page, else the module's matching rules
+        (label None: not used)."""
         if self.segmentation is None:
-            return {}
+            return []
         matches, _unmatched = label_matching.match_segments(self.logic.segment_infos(self.segmentation),
                                                             self.label_names)
-        return {m.segment_id: m.label for m in matches if m.label}
+        return [dataclasses.replace(m, label=self.chosen[m.segment_id] or None, reason="chosen")
+                if m.segment_id in self.chosen else m for m in matches]
+
+    def choose_label(self, segment_id: str, label: int) -> None:
+        if label and int(label) not in self.label_names:
+            raise ValueError(f"Label {label} is not in the bundle's label map: choose one of the listed labels.")
+        self.chosen[segment_id] = int(label or 0)
+
+    def mapping(self) -> Dict[str, int]:
+        """Segment ID -> bundle label, for the mask the model sees."""
+        return {m.segment_id: m.label for m in self.matches() if m.label}
 
     def mask(self) -> np.ndarray:
         return self.logic.compose_mask(self.segmentation, self.reference, self.mapping())
@@ -119,15 +151,14 @@ class Session:
         ijk = np.stack([i, j, k, np.ones_like(i)]).astype(float)
         return int(len(k)), [round(float(v), 1) for v in (nodes.ijk_to_ras(self.reference) @ ijk)[:3].mean(axis=1)]
 
-    def slice_thumbnail(self, index: int, max_size: int = 96) -> str:
-        """Axial slice `index` of the scan as the views show it, a PNG data URL (the informed slice's preview)."""
+    def slice_thumbnail(self, node, index: int, max_size: int = 96) -> str:
+        """Axial slice `index` of a scan as the views show it, a PNG data URL (the informed slice's preview)."""
         import base64
 
         from PIL import Image
         from GEM3DEditorLib import thumbnail
 
-        array = slicer_array(self.reference)
-        image = thumbnail.display_slice(array, nodes.ijk_to_ras(self.reference), 0, index)
+        image = thumbnail.display_slice(slicer_array(node), nodes.ijk_to_ras(node), 0, index)
         buffer = io.BytesIO()
         Image.fromarray(thumbnail.resize_nearest(thumbnail.to_uint8(image), max_size)).save(buffer, "PNG")
         return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -151,10 +182,14 @@ class Session:
             raise ValueError("Load a scan and its segmentation first (Sample, Upload or the data folder).")
 
     # ------------------------------------------------------------------ generate
-    def generate(self, sampler: Optional[str], steps: Optional[int], seed: int, informed_slice: int):
+    def generate(self, sampler: Optional[str], steps: Optional[int], seed: int, informed_slice: int,
+                 informed_source: str = "same"):
+        """informed_source "same": the slice of the reference; "other": of the informed scan."""
         self._need_case()
-        settings = engine.generate_settings(self.bundle, sampler, steps, seed, informed_slice, *self.remote)
-        self.output = self.logic.start_generation(settings, self.reference, self.segmentation, self.mapping())
+        settings = engine.generate_settings(self.bundle, sampler, steps, seed, informed_slice, informed_source,
+                                            *self.remote)
+        self.output = self.logic.start_generation(settings, self.reference, self.segmentation, self.mapping(),
+                                                  informed_node=self.informed if informed_source == "other" else None)
         return self.output
 
     def poll(self) -> List[dict]:
