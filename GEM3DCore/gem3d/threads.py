@@ -2,8 +2,8 @@
 
 Why: torch and numpy size their pools to the machine's cores, and OpenMP's default wait policy
 keeps idle pool threads spinning. Beside other busy processes (Slicer, a second job, a test run)
-those threads fight for the same cores: the demo ran 4x, a small enhancement more than 5x slower
-than with one thread (benchmarks/results/under_load_cpu.md). So gem3d sets the pools itself, through the
+those threads fight for the same cores: beside two busy torch processes the demo ran 3.5x, a small
+enhancement more than 4x slower than with one thread (benchmarks/results/under_load_cpu.md). So gem3d sets the pools itself, through the
 environment, before numpy and torch create them:
 
 - `--threads N` or GEM3D_THREADS=N: N threads per process (per device queue for `gem3d serve`);
