@@ -25,6 +25,22 @@ def test_help_lists_every_command():
         assert sub.exit_code == 0 and "Usage:" in sub.output, command
 
 
+def test_british_spellings_are_the_commands_and_the_american_ones_still_work(brain_phantom, tmp_path):
+    listing = gem3d("--help").stdout
+    assert "  harmonise " in listing and "  harmonize " not in listing
+    assert main.get_command(None, "harmonize") is main.get_command(None, "harmonise")
+    assert "--move-to-centre" in CliRunner().invoke(main, ["edit-mask", "--help"]).output
+    mask = brain_phantom / "labelsTr" / "brain_000.nii.gz"
+    moved = {}
+    for option in ("--move-to-centre", "--move-to-center"):
+        out = tmp_path / f"{option.strip('-')}.nii.gz"
+        result = CliRunner().invoke(main, ["edit-mask", "--mask", str(mask), "--out", str(out), option, "4"])
+        assert result.exit_code == 0, result.output
+        moved[option] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    np.testing.assert_array_equal(moved["--move-to-centre"], moved["--move-to-center"])
+    assert not np.array_equal(moved["--move-to-centre"], sitk.GetArrayFromImage(sitk.ReadImage(str(mask))))
+
+
 def test_phantom_dataset_reads_with_geometry_and_inspects_clean_then_broken(tmp_path):
     data = tmp_path / "D"
     assert gem3d("phantom", "--kind", "brain", "--cases", "4", "--size", "48", "--slices", "24",

@@ -1,6 +1,6 @@
 """Harmonisation strength: how much site spread is removed, and how much anatomy is kept?
 
-Multi-site phantom brains (`gem3d phantom --sites 4`) harmonised with `gem3d harmonize`'s plan
+Multi-site phantom brains (`gem3d phantom --sites 4`) harmonised with `gem3d harmonise`'s plan
 (every case from one fixed informed slice: the first case's, at height 0.5) at several
 `--strength` values (SDEdit: start from the case's own latents noised that far; 1 = from pure
 noise, the paper's harmonisation). Per strength: the across-site spread of normalised healthy

@@ -20,13 +20,14 @@ COMMANDS = {
     "worker": "gem3d.commands.generate:worker",
     "serve": "gem3d.commands.serve:serve",
     "enhance": "gem3d.commands.dataset_generation:enhance",
-    "harmonize": "gem3d.commands.dataset_generation:harmonize",
+    "harmonise": "gem3d.commands.dataset_generation:harmonize",
     "demo": "gem3d.commands.demo:demo",
     "train": "gem3d.commands.train:train",
     "bundle": "gem3d.commands.bundle:bundle",
     "import-official": "gem3d.commands.official:import_official",
     "evaluate": "gem3d.commands.evaluate:evaluate",
 }
+ALIASES = {"harmonize": "harmonise"}  # earlier spellings: still accepted, not listed
 
 
 def _set_threads(ctx, param, value):
@@ -51,6 +52,7 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx, name):
+        name = ALIASES.get(name, name)
         if name not in COMMANDS:
             return None
         module, attribute = COMMANDS[name].split(":")

@@ -1,4 +1,4 @@
-"""Dataset enhancement and harmonisation: command lines of `gem3d enhance` / `gem3d harmonize`.
+"""Dataset enhancement and harmonisation: command lines of `gem3d enhance` / `gem3d harmonise`.
 
 The engine plans and runs whole datasets itself (resumable: a killed run continues where it
 stopped), so the module only starts the command (process.CommandRunner) and shows its progress.

@@ -1,4 +1,4 @@
-"""`gem3d enhance` and `gem3d harmonize`: generate whole datasets, resumable, shardable with torchrun."""
+"""`gem3d enhance` and `gem3d harmonise` (alias `harmonize`): generate whole datasets, resumable, shardable with torchrun."""
 from __future__ import annotations
 
 import os

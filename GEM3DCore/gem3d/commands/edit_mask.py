@@ -36,7 +36,7 @@ def _read_mask(path):
 @click.option("--rotate", nargs=3, type=float, metavar="RX RY RZ", help="Degrees about the physical axes.")
 @click.option("--translate", nargs=3, type=float, metavar="DX DY DZ", help="Physical mm (LPS).")
 @click.option("--scale", type=float, metavar="F", help="Isotropic lesion scaling about its centroid.")
-@click.option("--move-to-center", type=float, metavar="PX",
+@click.option("--move-to-centre", "--move-to-center", "move_to_center", type=float, metavar="PX",
               help="Move the lesion PX voxels toward the volume centre (at most to the centre).")
 @click.option("--relabel", multiple=True, metavar="A:B", help="Replace label A by B (repeatable).")
 @click.option("--labels", type=str, metavar="L1,L2",
@@ -48,7 +48,7 @@ def _read_mask(path):
 def edit_mask(mask_path, out_path, edits_path, flip, rotate, translate, scale, move_to_center,
               relabel, labels, augment, seed, overwrite):
     """Edit MASK and write OUT plus OUT's sidecar JSON with the applied edits. Order: the
-    --edits file, then --flip, --rotate, --translate, --scale, --move-to-center, --relabel,
+    --edits file, then --flip, --rotate, --translate, --scale, --move-to-centre, --relabel,
     then --augment."""
     import numpy as np
 
