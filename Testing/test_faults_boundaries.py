@@ -123,6 +123,25 @@ def test_a_data_root_header_pointing_outside_is_refused_without_the_root_path(se
     assert str(root) not in detail and "secret" not in detail and one_sentence(detail)
 
 
+def test_a_failed_job_on_data_root_files_does_not_show_the_root_path(served, brain_phantom):
+    client, root, _ = served
+    reference = read_volume(brain_phantom / "imagesTr" / "brain_000_0000.nii.gz")
+    sitk.WriteImage(sitk.ReadImage(str(brain_phantom / "imagesTr" / "brain_000_0000.nii.gz")), str(root / "ref.nrrd"))
+    wrong = sitk.GetImageFromArray(np.full(reference.array.shape, 9, np.uint8))  # 9: not a label of the bundle
+    wrong.CopyInformation(sitk.ReadImage(str(root / "ref.nrrd")))
+    sitk.WriteImage(wrong, str(root / "nine.nrrd"))
+    answer = client.post("/v1/jobs", json={"reference": "ref.nrrd", "mask": "nine.nrrd", "out": "o.nii.gz",
+                                           "steps": 1, "device": "cpu"})
+    if answer.status_code == 400:  # refused up front: the answer must not name the root either
+        detail = answer.json()["error"]
+    else:
+        assert answer.status_code == 201, answer.text
+        with client.stream("GET", answer.json()["events"]) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("{") and '"error"' in line]
+        detail = json.loads(lines[-1])["message"]
+    assert "9" in detail and str(root) not in detail, detail
+
+
 def test_a_huge_declared_upload_is_refused(served):
     client, _, _ = served
     header = b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 800 800 800\nencoding: gzip\n\n"

@@ -34,6 +34,13 @@ class LimitError(RuntimeError):
     """A client or the server is at a configured limit; the message names it."""
 
 
+def as_client_sees(text: str, server_paths: Dict[str, str]) -> str:
+    """`text` with the server's own folders (job folder, data root, uploads) as the client names them."""
+    for path, shown in server_paths.items():
+        text = text.replace(path, shown)
+    return text
+
+
 @dataclass
 class Job:
     id: str
@@ -50,6 +57,7 @@ class Job:
     events: List[dict] = field(default_factory=list)
     slabs: Dict[int, np.ndarray] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    server_paths: Dict[str, str] = field(default_factory=dict)  # server folder -> as the client names it
 
     @property
     def done(self) -> bool:
@@ -61,7 +69,8 @@ class Job:
         slab = event.pop("slab", None)
         kind = event["event"]
         if "message" in event:  # the client knows its files as reference, mask...: no server paths
-            event["message"] = str(event["message"]).replace(f"{self.folder}{os.sep}", "")
+            event["message"] = as_client_sees(str(event["message"]),
+                                              {f"{self.folder}{os.sep}": "", **self.server_paths})
         if kind == "finished":
             self.outputs = {name: Path(path) for name, path in event.get("outputs", {}).items()}
             event["outputs"] = {name: f"/v1/jobs/{self.id}/outputs/{name}" for name in self.outputs}

@@ -31,7 +31,7 @@ import gem3d
 from gem3d import typed
 from gem3d.events import MEDIA_TYPE, encode_event
 from gem3d.io import WRITE_EXTENSIONS, data_files, extension, read_volume
-from gem3d.jobs import Job, JobStore, LimitError, Upload
+from gem3d.jobs import Job, JobStore, LimitError, Upload, as_client_sees
 from gem3d.protocol import request_from_dict
 from gem3d.request import GenerateRequest, RequestError
 
@@ -110,6 +110,14 @@ class JobIntake:
         (a fairness limit between tools sharing a token, not an identity)."""
         host = request.client.host if request.client else "?"
         return f"{host}/{request.headers.get('x-gem3d-client', '')[:64]}"
+
+    def server_paths(self) -> Dict[str, str]:
+        """The server's folders as a client names the files in them: data-root files by their path
+        under the root, uploads by their id; a message never shows where the server keeps them."""
+        paths = {f"{self.settings.work_dir}{os.sep}": ""}
+        if self.settings.data_root:
+            paths[f"{self.settings.data_root}{os.sep}"] = ""
+        return paths
 
     def job_request(self, data, job_id: str, folder: Path) -> Tuple[GenerateRequest, str]:
         """A remote request as the engine's, and its bundle's name: inputs from uploads or the data root,
@@ -258,9 +266,9 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
             generate, bundle = intake.job_request(data, job_id, folder)
         except (RequestError, ValueError, TypeError) as err:
             shutil.rmtree(folder, ignore_errors=True)
-            raise HTTPError(400, str(err))
+            raise HTTPError(400, as_client_sees(str(err), {f"{folder}{os.sep}": "", **intake.server_paths()}))
         queue = store.pick_device(generate.device)
-        job = Job(job_id, client, queue.device, bundle, generate, folder)
+        job = Job(job_id, client, queue.device, bundle, generate, folder, server_paths=intake.server_paths())
         position = store.submit(job)
         return {"job_id": job_id, "device": queue.device, "position": position,
                 "events": f"/v1/jobs/{job_id}/events"}
