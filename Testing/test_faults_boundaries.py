@@ -164,6 +164,25 @@ def phantom_case(phantom, i=0):
     return phantom / "imagesTr" / f"brain_{i:03d}_0000.nii.gz", phantom / "labelsTr" / f"brain_{i:03d}.nii.gz"
 
 
+def test_b_an_existing_report_is_kept_without_overwrite(brain_phantom, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text('{"mine": 1}')
+    for args in (("dataset", "inspect", brain_phantom, "--json", report),
+                 ("evaluate", "--real", brain_phantom, "--synthetic", brain_phantom, "--json", report)):
+        result = cli(*args)
+        assert result.exit_code == 1 and "--overwrite" in result.output and one_sentence(result.output), result.output
+        assert report.read_text() == '{"mine": 1}'
+    result = cli("dataset", "inspect", brain_phantom, "--json", report, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert typed_cases(report) == 3
+
+
+def typed_cases(path) -> int:
+    from gem3d import typed
+
+    return len(typed.load_json(path)["cases"])
+
+
 def test_b_edit_mask_sidecar_and_edits_file_are_outputs_and_inputs(brain_phantom, tmp_path):
     _, mask = phantom_case(brain_phantom)
     (tmp_path / "case.json").write_text('{"mine": 1}')

@@ -25,8 +25,9 @@ def dataset():
               help="Also write the report (every case, every problem) to this JSON file.")
 @click.option("--label-map", type=click.Choice(sorted(PRESETS)),
               help="Check masks against this preset instead of the dataset's own label map.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 @click.pass_context
-def inspect(ctx, path, json_out, label_map):
+def inspect(ctx, path, json_out, label_map, overwrite):
     """Check every case of the dataset at PATH.
 
     Detects the layout, then reads each image and mask once and reports missing or
@@ -37,7 +38,7 @@ def inspect(ctx, path, json_out, label_map):
     try:
         data = open_dataset(path, preset(label_map) if label_map else None)
         if json_out is not None:
-            check_outputs({"--json": json_out}, overwrite=True, protected=[data.root])
+            check_outputs({"--json": json_out}, overwrite=overwrite, protected=[data.root])
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error))
     click.echo(f"{data.format} dataset at {data.root}: {len(data.cases)} case(s); label map: {data.label_map}")

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from gem3d.cli import threads_option
-from gem3d.outputs import check_folder
+from gem3d.outputs import check_folder, check_outputs
 
 
 @click.command()
@@ -26,21 +26,19 @@ from gem3d.outputs import check_folder
                    "net:PATH (a saved gem3d segmenter) or train[:STEPS] (train one on --real first).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the report as JSON.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), help="Write the metrics as CSV.")
-def evaluate(real, synthetic, paired, extractor, planes_per_volume, segmenter, json_out, csv_out):
+@click.option("--overwrite", is_flag=True, help="Replace existing --json / --csv files.")
+def evaluate(real, synthetic, paired, extractor, planes_per_volume, segmenter, json_out, csv_out, overwrite):
     """FID-A/C/S, volumetric consistency, paired PSNR/SSIM/MS-SSIM and mask Dice."""
+    reports = {name: path for name, path in (("--json", json_out), ("--csv", csv_out)) if path}
     try:
-        for path in (json_out, csv_out):
-            if path:
-                check_folder(Path(path).resolve().parent)
-    except ValueError as err:
+        for path in reports.values():
+            check_folder(Path(path).resolve().parent)
+        check_outputs(reports, overwrite=overwrite, protected=[real, synthetic])
+    except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     from gem3d.evaluation.report import evaluate as run, table, write_csv, write_json  # torch
 
-    from gem3d.outputs import check_outputs
-
-    reports = {name: path for name, path in (("--json", json_out), ("--csv", csv_out)) if path}
     try:
-        check_outputs(reports, overwrite=True, protected=[real, synthetic])
         report = run(real, synthetic, paired, extractor, planes_per_volume, segmenter,
                      progress=lambda text: click.echo(text, err=True))
     except (ValueError, OSError) as err:
