@@ -244,6 +244,13 @@ def test_the_informed_slice_from_another_scan_reaches_the_provenance(page, tmp_p
     assert page.get_attribute("#informed_thumb", "src") == same
 
 
+def test_the_informed_slice_generated_by_the_slice_model_reaches_the_provenance(page, tmp_path):
+    page.click("#informed_generated")  # the demo bundle has a slice model
+    provenance = generate_and_export(page, tmp_path)
+    assert provenance["slicer"]["request"]["informed"]["source"] == "generated"
+    page.click("#informed_same")
+
+
 def test_garbled_and_oversized_uploads_give_one_sentence_and_the_session_keeps_working(page, server, tmp_path):
     garbled = tmp_path / "Jane_Doe_1957.nii.gz"  # a patient's name in the file name never reaches the log
     garbled.write_bytes(b"not a volume at all" * 100)

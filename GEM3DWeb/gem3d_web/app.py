@@ -94,7 +94,8 @@ class EditorApp(TrameApp):
             "data_files": self._data_files(), "data_scan": None, "data_segmentation": None,
             "max_upload": self.max_upload_bytes,
             "mask_voxels": 0, "lesion_centre": None, "informed_slice": 0, "informed_thumb": "",
-            "informed_source": "same", "has_informed": False, "layout": "three",
+            "informed_source": "same", "has_informed": False,
+            "has_slice_model": self.session.has_slice_model, "layout": "three",
             "segment_labels": [], "label_items": [{"title": "not used", "value": 0}, *(
                 {"title": name, "value": value} for value, name in sorted(self.session.label_names.items()))],
         })
@@ -179,11 +180,13 @@ class EditorApp(TrameApp):
                 html.Div("Informed slice {{ informed_slice }}", id="informed_slice", classes="text-caption")
                 v3.VBtn("Use the axial view's slice", id="informed_pick", size="small", click=self.pick_informed,
                         disabled=("!loaded || busy",))
-        with html.Div(classes="d-flex align-center ga-1 mb-2"):
+        with html.Div(classes="d-flex flex-wrap align-center ga-1 mb-2"):
             with v3.VBtnToggle(v_model=("informed_source",), mandatory=True, density="compact", divided=True,
                                disabled=("busy",)):
                 v3.VBtn("This scan", value="same", id="informed_same", size="small")
                 v3.VBtn("Other scan", value="other", id="informed_other", size="small", disabled=("!has_informed",))
+                v3.VBtn("Generated (slice model)", value="generated", id="informed_generated", size="small",
+                        v_if="has_slice_model")
             v3.VBtn("Sample other", id="informed_sample", size="small", click=self.load_informed_sample,
                     disabled=("busy",))
         v3.VSelect(label="Sampler (blank: the fast default)", v_model=("sampler",), items=("samplers",),

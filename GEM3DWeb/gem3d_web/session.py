@@ -45,7 +45,7 @@ class Session:
         self.work_folder = work_folder
         self.bundle = bundle
         self.remote = remote  # (gem3d serve URL, token); ("", ""): a local worker
-        self.label_names = engine.bundle_label_names(bundle)
+        self.label_names, self.has_slice_model = engine.bundle_labels(bundle)
         self.logic = engine.new_logic(scene, volumes_logic, os.path.join(work_folder, "jobs"))
         os.makedirs(self.logic.work_folder, exist_ok=True)
         self.reference = None
@@ -184,7 +184,8 @@ class Session:
     # ------------------------------------------------------------------ generate
     def generate(self, sampler: Optional[str], steps: Optional[int], seed: int, informed_slice: int,
                  informed_source: str = "same"):
-        """informed_source "same": the slice of the reference; "other": of the informed scan."""
+        """informed_source "same": the slice of the reference; "other": of the informed scan;
+        "generated": the bundle's slice model makes the slice at that height of the reference."""
         self._need_case()
         settings = engine.generate_settings(self.bundle, sampler, steps, seed, informed_slice, informed_source,
                                             *self.remote)
