@@ -24,7 +24,8 @@ from gem3d.sampler_settings import SAMPLERS
 from GEM3DEditorLib import edits
 
 from . import access
-from .session import SEGMENTATION_SUFFIX, VOLUME_SUFFIXES, Session, is_segmentation_file, is_volume_file
+from . import uploads
+from .session import Session
 
 log = logging.getLogger("gem3d_web")
 EFFECTS = {"none": SegmentationEffectNoTool, "paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}
@@ -38,14 +39,17 @@ LESION_EDITS = {  # button id -> (label, edit spec in gem3d.mask_edits' terms)
 }
 # Oversized uploads are refused in the browser: over the websocket's message limit they would
 # drop the connection instead of getting a sentence.
+UNREADABLE = ("The uploaded file could not be read as a scan or segmentation: "
+              "upload NIfTI, NRRD, MetaImage or a zipped DICOM series and a Slicer .seg.nrrd.")
 UPLOAD_JS = ("const files = Array.from($event.target.files || []);"
              "const total = files.reduce((n, f) => n + f.size, 0);"
              "if (!files.length) {} else if (total > max_upload) {"
              "message = `The upload is ${(total / 1e6).toFixed(0)} MB; this editor accepts up to "
              "${(max_upload / 1e6).toFixed(0)} MB (gem3d-web --max-upload-mb).`; $event.target.value = '';"
-             "} else { trigger('upload', [files]); }")
+             "} else { trigger('%s', [files]); }")  # % the trigger's name
 
 
+UPLOAD_ACCEPT = ".nii,.nii.gz,.nrrd,.mha,.mhd,.nhdr,.zip"
 SYNTHETIC_GROUP = 1  # the side-by-side layout's right view; every other view is in group 0
 
 
@@ -105,6 +109,7 @@ class EditorApp(TrameApp):
         self.state.change("layout")(self._on_layout)
         self.state.change("informed_source")(lambda **_: self.session.reference is not None and self.pick_informed())
         self.ctrl.trigger("upload")(self.upload)
+        self.ctrl.trigger("upload_informed")(self.upload_informed)
         self.ctrl.trigger("export_zip")(self.export_zip)
         self._build_ui()
 
@@ -135,8 +140,7 @@ class EditorApp(TrameApp):
         html.Div("Case", classes="text-subtitle-2")
         v3.VBtn("Sample", id="sample", click=self.load_sample, block=True, classes="mb-2", disabled=("busy",))
         v3.VFileInput(label="Upload scan (+ .seg.nrrd)", multiple=True, density="compact", id="upload",
-                      disabled=("busy",), accept=".nii,.nii.gz,.nrrd,.mha,.mhd,.nhdr", show_size=True,
-                      change=UPLOAD_JS)
+                      disabled=("busy",), accept=UPLOAD_ACCEPT, show_size=True, change=UPLOAD_JS % "upload")
         with html.Div(v_if="data_files.length"):
             v3.VSelect(label="Scan in the data folder", v_model=("data_scan",), items=("data_files",),
                        density="compact", id="data_scan")
@@ -189,6 +193,8 @@ class EditorApp(TrameApp):
                         v_if="has_slice_model")
             v3.VBtn("Sample other", id="informed_sample", size="small", click=self.load_informed_sample,
                     disabled=("busy",))
+        v3.VFileInput(label="Upload other scan", density="compact", id="upload_informed", disabled=("busy",),
+                      accept=UPLOAD_ACCEPT, show_size=True, change=UPLOAD_JS % "upload_informed")
         v3.VSelect(label="Sampler (blank: the fast default)", v_model=("sampler",), items=("samplers",),
                    density="compact", id="sampler")
         v3.VTextField(label="Steps (0: the sampler's default)", v_model_number=("steps",), type="number",
@@ -288,10 +294,13 @@ class EditorApp(TrameApp):
     def load_informed_sample(self):
         """Another phantom scan as the informed scan (informed source "other")."""
         if self._guard(self.session.load_informed_sample, int(self.state.seed or 0)):
-            self.state.has_informed = True
-            self.state.status = "Other scan loaded for the informed slice."
-            if self.session.reference is not None:
-                self.pick_informed()
+            self._informed_loaded()
+
+    def _informed_loaded(self) -> None:
+        self.state.has_informed = True
+        self.state.status = "Other scan loaded for the informed slice."
+        if self.session.reference is not None:
+            self.pick_informed()
 
     def _guard(self, action, *args) -> bool:
         try:
@@ -312,7 +321,7 @@ class EditorApp(TrameApp):
         if self.data_root is None:
             return []
         return sorted(str(p.relative_to(self.data_root)) for p in self.data_root.rglob("*")
-                      if p.is_file() and (is_volume_file(p.name) or is_segmentation_file(p.name)))
+                      if p.is_file() and (uploads.is_volume_file(p.name) or uploads.is_segmentation_file(p.name)))
 
     def load_data_files(self):
         def load():
@@ -327,37 +336,37 @@ class EditorApp(TrameApp):
             self.state.status = "Case loaded from the data folder."
             log.info("case loaded from the data folder")
 
+    def _save_upload(self, files, segmentation: bool = True):
+        """The uploaded scan (and .seg.nrrd) in a fresh folder of this session: (scan path, segmentation or None)."""
+        return uploads.save(files, self.session._fresh_folder("upload"), self.max_upload_bytes, segmentation)
+
     def upload(self, files):
         def load():
-            total = sum(int(f.get("size") or 0) for f in files)
-            if total > self.max_upload_bytes:
-                raise ValueError(f"The upload is {total / 1e6:.0f} MB; this editor accepts up to "
-                                 f"{self.max_upload_bytes / 1e6:.0f} MB (gem3d-web --max-upload-mb).")
-            scans = [f for f in files if is_volume_file(f.get("name", ""))]
-            segs = [f for f in files if is_segmentation_file(f.get("name", ""))]
-            if len(scans) != 1 or len(segs) > 1:
-                raise ValueError("Upload one scan (.nii, .nii.gz, .nrrd, .mha) and at most one .seg.nrrd.")
-            folder = self.session._fresh_folder("upload")
-            paths = []
-            for f, stem in ((scans[0], "scan"), *((s, "segmentation") for s in segs)):
-                name = f["name"].lower()
-                suffix = next(s for s in (SEGMENTATION_SUFFIX, *sorted(VOLUME_SUFFIXES, key=len, reverse=True))
-                              if name.endswith(s))
-                path = os.path.join(folder, stem + suffix)  # the client's file name is never used on disk
-                with open(path, "wb") as out:
-                    out.write(f["content"])
-                paths.append(path)
+            scan, segmentation = self._save_upload(files)
             try:
-                self.session.load_files(paths[0], paths[1] if len(paths) > 1 else None, "uploaded scan")
+                self.session.load_files(scan, segmentation, "uploaded scan")
             except ValueError:
-                raise ValueError("The uploaded file could not be read as a scan or segmentation: "
-                                 "upload NIfTI, NRRD or MetaImage and a Slicer .seg.nrrd.") from None
+                raise ValueError(UNREADABLE) from None
 
         with self.state:
             if self._guard(load):
                 self._show_case()
                 self.state.status = "Uploaded case loaded."
                 log.info("uploaded case loaded (%d files)", len(files))
+
+    def upload_informed(self, files):
+        """An uploaded scan as the informed scan (informed source "other")."""
+        def load():
+            scan = self._save_upload(files, segmentation=False)[0]
+            try:
+                self.session.load_informed(scan)
+            except ValueError:
+                raise ValueError(UNREADABLE) from None
+
+        with self.state:
+            if self._guard(load):
+                self._informed_loaded()
+                log.info("uploaded informed scan loaded")
 
     # ------------------------------------------------------------------ segment editor
     def _on_effect(self, effect, **_):

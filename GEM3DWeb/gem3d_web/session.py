@@ -17,22 +17,11 @@ from GEM3DEditorLib import label_matching, nodes
 
 from . import engine
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-SEGMENTATION_SUFFIX = ".seg.nrrd"
-
 
 def slicer_array(node) -> np.ndarray:
     import slicer
 
     return slicer.util.arrayFromVolume(node)
-
-
-def is_segmentation_file(name: str) -> bool:
-    return name.lower().endswith(SEGMENTATION_SUFFIX)
-
-
-def is_volume_file(name: str) -> bool:
-    return name.lower().endswith(VOLUME_SUFFIXES) and not is_segmentation_file(name)
 
 
 class Session:
@@ -95,7 +84,10 @@ class Session:
 
     def load_informed_sample(self, seed: int = 0):
         """Another phantom scan (the next seed, same grid) as the scan that provides the informed slice."""
-        scan, _labels, _folder = self._phantom(int(seed) + 1, 1)
+        return self.load_informed(self._phantom(int(seed) + 1, 1)[0])
+
+    def load_informed(self, scan: str):
+        """A scan that provides the informed slice (informed source "other"); on a bad file the old one stays."""
         informed = nodes.load_volume(self.volumes_logic, scan, "informed scan")
         if self.informed is not None and self.scene.IsNodePresent(self.informed):
             self.scene.RemoveNode(self.informed)
