@@ -79,3 +79,27 @@ def test_a_browser_with_the_token_gets_the_editor_and_one_without_gets_a_sentenc
     page = open_page(browser, server.url)  # the page loads and its websocket connects (the Sample button is drawn)
     assert page.is_enabled("#sample")
     page.close()
+
+
+@pytest.mark.parametrize("entries, needle", [
+    ({"/etc/x.dcm": b"x"}, "outside its folder"), ({"a/../../x.dcm": b"x"}, "outside its folder"),
+    ({"link.dcm": None}, "a link"), ({f"{i}.dcm": b"" for i in range(4001)}, "4001 files"),
+    ({"big.dcm": b"\0" * 9000}, "unpacks to"),
+])
+def test_an_unsafe_zip_is_refused_before_anything_is_extracted(tmp_path, entries, needle):
+    import zipfile
+
+    from gem3d_web import uploads
+
+    archive = tmp_path / "upload.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, content in entries.items():
+            if content is None:  # a symbolic link, as `zip -y` stores one
+                info = zipfile.ZipInfo(name)
+                info.external_attr = (0o120777 << 16)
+                z.writestr(info, "/etc/passwd")
+            else:
+                z.writestr(name, content)
+    with pytest.raises(ValueError, match=needle) as refused:
+        uploads.dicom_zip_to_nrrd(str(archive), str(tmp_path / "dicom"), max_unpacked=8000)
+    assert str(refused.value).count(": ") == 1 and not (tmp_path / "dicom").exists()

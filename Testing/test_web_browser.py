@@ -57,6 +57,9 @@ def generate_and_export(page, folder) -> dict:
     """Generate with 2 steps, wait for the end, export: the provenance."""
     page.fill("#steps", "2")
     page.click("#generate")
+    deadline = time.time() + 30  # busy first: the last job's "100 %" and "Done" are still shown till then
+    while page.is_enabled("#generate") and time.time() < deadline:
+        time.sleep(0.05)
     wait_text(page, "#windows", "100 %", timeout_s=120)
     wait_text(page, "#status", "Done")
     return export_files(page, folder)[1]
@@ -244,6 +247,13 @@ def test_the_informed_slice_from_another_scan_reaches_the_provenance(page, tmp_p
     assert page.get_attribute("#informed_thumb", "src") == same
 
 
+def test_the_informed_slice_generated_by_the_slice_model_reaches_the_provenance(page, tmp_path):
+    page.click("#informed_generated")  # the demo bundle has a slice model
+    provenance = generate_and_export(page, tmp_path)
+    assert provenance["slicer"]["request"]["informed"]["source"] == "generated"
+    page.click("#informed_same")
+
+
 def test_garbled_and_oversized_uploads_give_one_sentence_and_the_session_keeps_working(page, server, tmp_path):
     garbled = tmp_path / "Jane_Doe_1957.nii.gz"  # a patient's name in the file name never reaches the log
     garbled.write_bytes(b"not a volume at all" * 100)
@@ -300,6 +310,53 @@ def test_an_unmatched_segment_is_listed_then_mapped_in_the_table_and_generate_us
     provenance = generate_and_export(page, tmp_path)
     mapping = provenance["slicer"]["label_mapping"]
     assert sorted(mapping.values()) == [1, 2, 4] and len(mapping) == 3
+
+
+def test_an_uploaded_scan_provides_the_informed_slice(page, tmp_path):
+    scan, _segmentation, _labels = phantom_files(tmp_path, seed=8, index=3)
+    page.set_input_files("#upload_informed", str(scan))
+    wait_text(page, "#status", "Other scan loaded", timeout_s=30)
+    page.click("#informed_other")
+    provenance = generate_and_export(page, tmp_path)
+    assert provenance["slicer"]["request"]["informed"]["source"] == "other"
+    page.click("#informed_same")
+
+
+def test_a_zipped_dicom_series_loads_with_the_reference_geometry(page, tmp_path):
+    from gem3d.io import read_volume
+    from test_io import write_dicom_series
+
+    scan, segmentation, labels = phantom_files(tmp_path, seed=9, index=4)
+    volume = read_volume(scan)
+    write_dicom_series(tmp_path / "series", volume.with_array(np.round(volume.array * 1000 / volume.array.max())
+                                                              .astype(np.int16)), "1.2.826.0.1.3680043.2.1125.7.9")
+    archive = tmp_path / "Jane_Doe_dicom.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted((tmp_path / "series").iterdir()):
+            z.write(path, f"series/{path.name}")
+    page.set_input_files("#upload", [str(archive), str(segmentation)])
+    wait_text(page, "#status", "Uploaded case loaded", timeout_s=60)
+    assert wait_voxels(page, int((labels.array > 0).sum())) == int((labels.array > 0).sum())
+    provenance = generate_and_export(page, tmp_path)
+    image = next(p for p in (tmp_path / "zip").iterdir() if p.name.endswith(".nrrd") and
+                 not p.name.endswith(".seg.nrrd"))
+    synthetic = read_volume(image)
+    assert synthetic.array.shape == volume.array.shape
+    assert synthetic.geometry.allclose(volume.geometry, atol=1e-3)
+    assert provenance["synthetic"] is True
+
+
+def test_a_zip_that_points_outside_its_folder_is_refused_and_the_session_keeps_working(page, tmp_path):
+    voxels = mask_voxels(page)
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("series/0001.dcm", b"DICM" * 10)
+        z.writestr("../x", b"escaped")
+    page.set_input_files("#upload", str(archive))
+    message = wait_text(page, "#message", "outside its folder", timeout_s=30)
+    assert message.count(". ") == 0 and "Traceback" not in message
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "gem3d-web-*", "x"))
+    assert mask_voxels(page) == voxels and page.is_enabled("#generate")  # the case stays
 
 
 def test_a_second_browser_session_gets_its_own_process_and_empty_scene(browser, server, page):  # noqa: F811

@@ -6,7 +6,7 @@ engine settings a request carries; the logic reaches its engine through the engi
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from gem3d.bundle_format import read_bundle_info
 
@@ -31,5 +31,7 @@ def generate_settings(bundle: str, sampler: Optional[str], steps: Optional[int],
                             engine=engine)
 
 
-def bundle_label_names(bundle: str) -> Dict[int, str]:
-    return read_bundle_info(bundle).label_map.names
+def bundle_labels(bundle: str) -> Tuple[Dict[int, str], bool]:
+    """(label value -> name, whether the bundle has a slice model that can generate the informed slice)."""
+    info = read_bundle_info(bundle)
+    return info.label_map.names, info.has_slice_model

@@ -17,22 +17,11 @@ from GEM3DEditorLib import label_matching, nodes
 
 from . import engine
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-SEGMENTATION_SUFFIX = ".seg.nrrd"
-
 
 def slicer_array(node) -> np.ndarray:
     import slicer
 
     return slicer.util.arrayFromVolume(node)
-
-
-def is_segmentation_file(name: str) -> bool:
-    return name.lower().endswith(SEGMENTATION_SUFFIX)
-
-
-def is_volume_file(name: str) -> bool:
-    return name.lower().endswith(VOLUME_SUFFIXES) and not is_segmentation_file(name)
 
 
 class Session:
@@ -45,7 +34,7 @@ class Session:
         self.work_folder = work_folder
         self.bundle = bundle
         self.remote = remote  # (gem3d serve URL, token); ("", ""): a local worker
-        self.label_names = engine.bundle_label_names(bundle)
+        self.label_names, self.has_slice_model = engine.bundle_labels(bundle)
         self.logic = engine.new_logic(scene, volumes_logic, os.path.join(work_folder, "jobs"))
         os.makedirs(self.logic.work_folder, exist_ok=True)
         self.reference = None
@@ -95,7 +84,10 @@ class Session:
 
     def load_informed_sample(self, seed: int = 0):
         """Another phantom scan (the next seed, same grid) as the scan that provides the informed slice."""
-        scan, _labels, _folder = self._phantom(int(seed) + 1, 1)
+        return self.load_informed(self._phantom(int(seed) + 1, 1)[0])
+
+    def load_informed(self, scan: str):
+        """A scan that provides the informed slice (informed source "other"); on a bad file the old one stays."""
         informed = nodes.load_volume(self.volumes_logic, scan, "informed scan")
         if self.informed is not None and self.scene.IsNodePresent(self.informed):
             self.scene.RemoveNode(self.informed)
@@ -184,7 +176,8 @@ class Session:
     # ------------------------------------------------------------------ generate
     def generate(self, sampler: Optional[str], steps: Optional[int], seed: int, informed_slice: int,
                  informed_source: str = "same"):
-        """informed_source "same": the slice of the reference; "other": of the informed scan."""
+        """informed_source "same": the slice of the reference; "other": of the informed scan;
+        "generated": the bundle's slice model makes the slice at that height of the reference."""
         self._need_case()
         settings = engine.generate_settings(self.bundle, sampler, steps, seed, informed_slice, informed_source,
                                             *self.remote)
