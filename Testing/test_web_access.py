@@ -42,6 +42,10 @@ def test_paths_stay_inside_the_data_root(tmp_path):
             confined(root.resolve(), outside)
     with pytest.raises(ValueError, match="without --data-root"):
         confined(None, "scan.nrrd")
+    (root / "escape.nhdr").write_text("NRRD0004\ntype: uchar\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n"
+                                      "data file: ../secret.nrrd\n\n")  # its voxels lie outside the root
+    with pytest.raises(ValueError, match="not in the data folder"):
+        confined(root.resolve(), "escape.nhdr")
 
 
 @pytest.fixture(scope="module")

@@ -116,6 +116,31 @@ def input_files(path) -> List[Path]:
     return [path] if path.is_dir() else [path, *data_files(path)]
 
 
+class OutsideRootError(ValueError):
+    """A file that is not (wholly) inside the folder it must come from; the message names only the user's path."""
+
+
+def confined_input(path, root: Path) -> Path:
+    """`path` (relative to `root`, or absolute inside it) as an existing file in `root`, links
+    followed, whose detached data files lie in `root` too."""
+    root = Path(root).resolve()
+    try:
+        resolved = (root / path).resolve()  # an absolute `path` replaces root
+        if resolved != root and root not in resolved.parents:
+            raise OutsideRootError(f"{path!r} is outside the server's data root")
+        if not resolved.is_file():
+            raise OutsideRootError(f"{path!r}: no such file under the server's data root")
+        for data in data_files(resolved):  # a header's voxels are read too: they must be inside as well
+            data = data.resolve()
+            if root not in data.parents or not data.is_file():
+                raise OutsideRootError(f"{path!r} names a data file outside the server's data root (or none)")
+    except OutsideRootError:
+        raise
+    except (OSError, RuntimeError, ValueError):  # symlink loop, name too long, unreadable header
+        raise OutsideRootError(f"{path!r} cannot be resolved under the server's data root") from None
+    return resolved
+
+
 def data_files(path) -> List[Path]:
     """The detached data files named by the header of `path` (absolute, or relative to its
     folder), [] for formats without detached data; a header that cannot be read names none."""

@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 import gem3d
 from gem3d import typed
 from gem3d.events import MEDIA_TYPE, encode_event
-from gem3d.io import WRITE_EXTENSIONS, data_files, extension, read_volume
+from gem3d.io import WRITE_EXTENSIONS, OutsideRootError, confined_input, data_files, extension, read_volume
 from gem3d.jobs import Job, JobStore, LimitError, Upload, as_client_sees
 from gem3d.protocol import request_from_dict
 from gem3d.request import GenerateRequest, RequestError
@@ -73,22 +73,10 @@ def confined(path: str, root: Optional[Path]) -> Path:
     """`path` (relative to the data root, or absolute inside it) as an existing file in the root."""
     if root is None:
         raise RequestError("this server has no --data-root, so it cannot read server paths; upload the file")
-    root = root.resolve()
     try:
-        resolved = (root / path).resolve()  # an absolute `path` replaces root; symlinks are followed
-        if resolved != root and root not in resolved.parents:
-            raise RequestError(f"{path!r} is outside the server's data root")
-        if not resolved.is_file():
-            raise RequestError(f"{path!r}: no such file under the server's data root")
-        for data in data_files(resolved):  # a header's voxels are read too: they must be inside as well
-            data = data.resolve()
-            if root not in data.parents or not data.is_file():
-                raise RequestError(f"{path!r} names a data file outside the server's data root (or none)")
-    except (OSError, RuntimeError, ValueError) as err:  # symlink loop, name too long, unreadable header
-        if isinstance(err, RequestError):
-            raise
-        raise RequestError(f"{path!r} cannot be resolved under the server's data root") from None
-    return resolved
+        return confined_input(path, root)
+    except OutsideRootError as err:
+        raise RequestError(str(err)) from None
 
 
 def output_extension(out: Optional[str]) -> str:

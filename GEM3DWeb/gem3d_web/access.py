@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from gem3d.commands.serve import is_loopback  # the same rule as gem3d serve
+from gem3d.io import OutsideRootError, confined_input
 
 COOKIE = "gem3d_web_token"
 REFUSED = "This GEM-3D editor needs its access token: open the address gem3d-web printed (it ends in ?token=...)."
@@ -59,10 +60,10 @@ def middleware(token: str):
 
 
 def confined(root: Optional[Path], relative: str) -> str:
-    """A file inside --data-root (links resolved), or a refusal naming no path."""
+    """A file inside --data-root (links resolved, detached data files inside too), or a refusal naming no path."""
     if root is None:
         raise ValueError("This editor was started without --data-root: there is no data folder to open.")
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
-        raise ValueError("That file is not in the data folder.")
-    return str(path)
+    try:
+        return str(confined_input(relative, root))
+    except OutsideRootError:
+        raise ValueError("That file is not in the data folder.") from None
