@@ -2,6 +2,7 @@
 token checked on the page and on the websocket, files only from inside --data-root."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import urllib.error
@@ -107,3 +108,20 @@ def test_an_unsafe_zip_is_refused_before_anything_is_extracted(tmp_path, entries
     with pytest.raises(ValueError, match=needle) as refused:
         uploads.dicom_zip_to_nrrd(str(archive), str(tmp_path / "dicom"), max_unpacked=8000)
     assert str(refused.value).count(": ") == 1 and not (tmp_path / "dicom").exists()
+
+
+@pytest.mark.parametrize("name, header", [
+    ("scan.nrrd", "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 2 2 2\nencoding: raw\ndata file: {secret}\n\n"),
+    ("scan.mha", "ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\nElementDataFile = {secret}\n"),
+])
+def test_an_upload_whose_header_names_a_server_file_is_refused(tmp_path, name, header):
+    from gem3d_web import uploads
+
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(8)))
+    folder = tmp_path / "session"
+    folder.mkdir()
+    content = header.format(secret=secret).encode()
+    with pytest.raises(ValueError, match="detached data file") as refused:
+        uploads.save([{"name": name, "content": content, "size": len(content)}], str(folder), max_bytes=10**6)
+    assert str(secret) not in str(refused.value) and os.listdir(folder) == []

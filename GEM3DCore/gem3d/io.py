@@ -141,6 +141,18 @@ def confined_input(path, root: Path) -> Path:
     return resolved
 
 
+def check_self_contained(path) -> None:
+    """An uploaded volume must carry its voxels: a header naming detached data files would make the
+    reader open files of the machine it was uploaded to."""
+    try:
+        named = data_files(path)
+    except ValueError:  # more data files than allowed: named all the same
+        named = [path]
+    if named:
+        raise ValueError("the upload's header names a detached data file; upload a volume with its voxels in "
+                         "the same file (.nii.gz, .nrrd or .mha)")
+
+
 def data_files(path) -> List[Path]:
     """The detached data files named by the header of `path` (absolute, or relative to its
     folder), [] for formats without detached data; a header that cannot be read names none."""

@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 import gem3d
 from gem3d import typed
 from gem3d.events import MEDIA_TYPE, encode_event
-from gem3d.io import WRITE_EXTENSIONS, OutsideRootError, confined_input, data_files, extension, read_volume
+from gem3d.io import WRITE_EXTENSIONS, OutsideRootError, check_self_contained, confined_input, extension, read_volume
 from gem3d.jobs import Job, JobStore, LimitError, Upload, as_client_sees
 from gem3d.protocol import request_from_dict
 from gem3d.request import GenerateRequest, RequestError
@@ -217,9 +217,10 @@ def build_app(settings: Settings, store: JobStore) -> FastAPI:
                     f.write(chunk)
             if size == 0:
                 raise HTTPError(400, "the upload is empty")
-            if data_files(path):
-                raise HTTPError(400, "the upload's header names a detached data file; upload a volume with its "
-                                     "voxels in the same file (.nii.gz, .nrrd or .mha)")
+            try:
+                check_self_contained(path)
+            except ValueError as err:
+                raise HTTPError(400, str(err)) from None
             try:
                 volume = await anyio.to_thread.run_sync(read_volume, path)
             except (ValueError, OSError, RuntimeError):

@@ -12,6 +12,8 @@ import stat
 import zipfile
 from typing import List, Optional, Tuple
 
+from gem3d.io import check_self_contained, read_volume, write_volume
+
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 DICOM_ZIP_SUFFIX = ".zip"
@@ -55,6 +57,12 @@ def save(files: List[dict], folder: str, max_bytes: int, segmentation: bool = Tr
         with open(path, "wb") as out:
             out.write(f["content"])
         paths.append(path)
+        try:
+            check_self_contained(path)
+        except ValueError as e:
+            for written in paths:
+                os.remove(written)
+            raise ValueError(f"{str(e)[:1].upper()}{str(e)[1:]}.") from None
     if paths[0].endswith(DICOM_ZIP_SUFFIX):
         paths[0] = dicom_zip_to_nrrd(paths[0], os.path.join(folder, "dicom"), ZIP_EXPANSION * max_bytes)
     return paths[0], paths[1] if len(paths) > 1 else None
@@ -62,8 +70,6 @@ def save(files: List[dict], folder: str, max_bytes: int, segmentation: bool = Tr
 
 def dicom_zip_to_nrrd(archive: str, folder: str, max_unpacked: int) -> str:
     """Extract a zipped DICOM series into folder (checked first) and write it as NRRD beside it."""
-    from gem3d.io import read_volume, write_volume
-
     try:
         with zipfile.ZipFile(archive) as z:
             entries = [e for e in z.infolist() if not e.is_dir()]
