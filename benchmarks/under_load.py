@@ -29,9 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from gem3d import threads
+
 ROOT = Path(__file__).resolve().parent
-POOL_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
-                  "VECLIB_MAXIMUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GEM3D_THREADS")
+POOL_VARIABLES = (*threads.POOLS, *threads.NO_SPINNING, threads.ENV)
 LOAD = ("import time, torch\na = torch.randn(512, 512)\nend = time.time() + {seconds}\n"
         "while time.time() < end:\n    a @ a\n")
 SETTINGS = ("old default", "one thread", "new default")
