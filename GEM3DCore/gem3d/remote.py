@@ -57,14 +57,19 @@ class _Job:
         self.response: Optional[http.client.HTTPResponse] = None
 
 
+def server_url_parts(url: str):
+    """The parts of a `gem3d serve` address: http or https and a host, else ValueError."""
+    parts = urlsplit(url.rstrip("/"))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"the server URL must look like http://host:8000 or https://host, got {url!r}")
+    return parts
+
+
 class RemoteClient:
     def __init__(self, url: str, token: Optional[str] = None, timeout: float = 30.0,
                  cancel_timeout: float = 10.0, chunk_bytes: int = 1 << 20, client_id: Optional[str] = None):
-        parts = urlsplit(url.rstrip("/"))
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"the server URL must look like http://host:8000 or https://host, got {url!r}")
+        self._parts = server_url_parts(url)
         self.url = url.rstrip("/")
-        self._parts = parts
         self.token = token or None
         self.timeout = float(timeout)
         self.cancel_timeout = float(cancel_timeout)

@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 from typing import Callable, Dict, List, Optional
-from urllib.parse import urlsplit
 
 import numpy as np
 import slicer
@@ -18,6 +17,7 @@ import vtk  # noqa: F401  (the MRML nodes' vtk types)
 
 from gem3d.bundle_format import read_bundle_info
 from gem3d.events import EngineClient
+from gem3d.remote import RemoteClient, server_url_parts
 from gem3d.request import GenerateRequest, InformedSpec, RequestError, new_job_id
 from gem3d.threads import ENV as THREADS_ENV
 from gem3d.worker_client import WorkerClient, environment_with_path, python_executable_default, worker_command
@@ -113,8 +113,6 @@ class EditorLogic:
     def _new_client(self, settings: EngineSettings) -> EngineClient:
         """`gem3d serve` at the settings' URL, else `<python> -m gem3d worker` (started here)."""
         if settings.server_url:
-            from gem3d.remote import RemoteClient
-
             return RemoteClient(settings.server_url, settings.server_token or None)
         return WorkerClient(worker_command(self.engine_python(settings.engine_python)),
                             env=self.engine_environment(settings.engine_python, settings.threads),
@@ -199,13 +197,13 @@ class EditorLogic:
         send the request and prepare the output node; returns the output node. Nothing is made or
         closed (job folder, output node, previous engine) before every check has passed.
         Call process_events() (a QTimer does) until the job is done."""
-        info, mask = self._check_generation(settings, reference_node, segmentation_node, mapping, informed_node,
-                                            output_node)
+        info, mask, axial = self._check_generation(settings, reference_node, segmentation_node, mapping,
+                                                   informed_node, output_node)
         job_id = new_job_id()
         paths = job_paths(self.work_folder, job_id)
         os.makedirs(paths["folder"])
         try:
-            req = self._write_request(settings, job_id, paths, reference_node, mask, informed_node)
+            req = self._write_request(settings, job_id, paths, reference_node, mask, informed_node, axial)
             engine = settings.engine
             self._client_for(engine).submit(req)
         except Exception:
@@ -224,7 +222,7 @@ class EditorLogic:
 
     def _check_generation(self, settings: GenerateSettings, reference_node, segmentation_node, mapping,
                           informed_node, output_node):
-        """(bundle info, mask) or ValueError/RuntimeError with one sentence; makes and changes nothing."""
+        """(bundle info, mask, axial axis) or ValueError/RuntimeError with one sentence; makes and changes nothing."""
         if self.busy:
             raise RuntimeError("A generation is already running.")
         problem = scan_problem(reference_node, "reference scan") or \
@@ -238,9 +236,12 @@ class EditorLogic:
         if output_node is not None and not is_scalar_volume(output_node):
             raise ValueError(f"{output_node.GetName()} is not a scalar volume: choose another output volume.")
         url = settings.engine.server_url
-        if url and (urlsplit(url).scheme.lower() not in ("http", "https") or not urlsplit(url).hostname):
-            raise ValueError(f"The server URL {url!r} must start with http:// or https:// and name a host "
-                             "(for example http://gpu-host:8000): correct it in the engine settings.")
+        if url:
+            try:
+                server_url_parts(url)
+            except ValueError:
+                raise ValueError(f"The server URL {url!r} must start with http:// or https:// and name a host "
+                                 "(for example http://gpu-host:8000): correct it in the engine settings.") from None
         try:
             info = read_bundle_info(settings.bundle)
         except (OSError, ValueError) as e:
@@ -265,10 +266,10 @@ class EditorLogic:
         if not mask.any():
             raise ValueError("No segment is mapped to a model label, or the mapped segments are empty: "
                              "the mask would be empty.")
-        return info, mask
+        return info, mask, axial
 
     def _write_request(self, settings: GenerateSettings, job_id: str, paths: Dict[str, str], reference_node,
-                       mask: np.ndarray, informed_node) -> dict:
+                       mask: np.ndarray, informed_node, axial) -> dict:
         """The job's input files and its request message."""
         nodes.write_volume(reference_node, paths["reference"])
         self._write_mask(mask, reference_node, paths["mask"])
@@ -276,8 +277,7 @@ class EditorLogic:
         if settings.informed_source == "other":
             scan = nodes.write_volume(informed_node, paths["informed"])
         elif settings.informed_source == "generated":
-            shape = slicer.util.arrayFromVolume(reference_node).shape
-            position = float(geometry.axial_axis(nodes.ijk_to_ras(reference_node), shape).position(index))
+            position = float(axial.position(index))
             index = None  # the slice model generates the slice at that height
         engine = settings.engine
         try:
