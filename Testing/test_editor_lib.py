@@ -555,8 +555,12 @@ def test_worker_events_arrive_in_order_and_fill_the_output(fake_worker, job_file
     assert array_sink.complete and not np.isnan(out).any()
     np.testing.assert_array_equal(out[:, 0, 0], np.arange(6))
     assert client.active_jobs == [] and client.running
-    log = client.log_lines()
-    assert "a stray line that is not JSON" in log and "fake worker ready" in log
+    # stderr and stdout are read by two threads, so the stderr line may land after the events
+    wanted, log, deadline = {"a stray line that is not JSON", "fake worker ready"}, [], time.monotonic() + 5
+    while not wanted <= set(log) and time.monotonic() < deadline:
+        log += client.log_lines()
+        time.sleep(0.02)
+    assert wanted <= set(log)
     client.close()
     assert client.returncode == 0 and client.poll() == []  # a normal exit is no error
 
