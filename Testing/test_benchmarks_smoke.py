@@ -98,9 +98,11 @@ def test_stripes_smoke_writes_its_table_and_montage(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((tmp_path / "stripes_demo_bundle_smoke.json").read_text())["rows"]
     assert rows["real scan"]["ratio"] == 1.0
-    assert 0 <= rows["VAE round trip of the real scan (per-slice decoding)"]["calibrated_a"] <= 0.25
-    product = rows["product: DPM++ 20, known frames fixed noise"]
-    assert 0.5 < product["ratio"] < 3 and product["psnr"] > 15
+    vae = rows["VAE round trip of the real scan (per-slice decoding)"]["ratio"]
+    assert rows["VAE round trip + the bundle's through-plane filter"]["ratio"] < vae
+    before, product = (rows[k] for k in ("before the fix: DPM++ 20, known frames fixed noise",
+                                         "product: DPM++ 20 + the bundle's through-plane filter"))
+    assert 0.5 < product["ratio"] < before["ratio"] < 3 and product["psnr"] > 15
     assert (tmp_path / "stripes_demo_bundle_smoke_montage.png").stat().st_size > 1000
 
 

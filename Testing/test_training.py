@@ -20,6 +20,7 @@ from gem3d.models import build_vae
 from gem3d.models.volumetric import is_volumetric
 from gem3d.phantom import write_dataset
 from gem3d.sampling import make_training_scheduler
+from gem3d.through_plane import calibrate_vae
 from gem3d.training import STAGES, Run, init, stages, trainer
 from gem3d.training.checkpoint import latest_checkpoint
 from gem3d.training.data import batches, label_mapping
@@ -108,6 +109,16 @@ def test_vae_latent_scale_gives_unit_std(trained):
     assert trained["vae"]["latent_scale"] == pytest.approx(run.cfg.vae.scale)
     assert run.vae().config.scaling_factor == run.cfg.vae.scale  # diffusers' copy is not stale
     assert float(latents.std()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_vae_stage_calibrates_the_through_plane_filter(trained):
+    """The stripe fix's strength is the trained VAE's: recomputed from its round trips of the
+    training volumes, and kept for the bundle (0 would mean the calibration never ran)."""
+    run = trained["run"]
+    images = [case.image for case in run.training_set.cases]
+    expected = calibrate_vae(run.vae(), run.cfg.vae.scale, images)
+    assert trained["vae"]["through_plane"] == expected == run.cfg.vae.through_plane
+    assert run.result("vae")["through_plane"] == expected
 
 
 def test_previews_and_outputs_are_written(trained):
@@ -222,7 +233,10 @@ def test_a_pretrained_vae_is_used_frozen_with_the_configs_scale(phantoms, tmp_pa
     torch.manual_seed(3)
     save_file(build_vae(cfg).state_dict(), str(tmp_path / "vae.safetensors"))
     run = Run(cfg, phantoms, tmp_path / "b", init("cpu"), vae_weights=tmp_path / "vae.safetensors")
-    assert run.train("vae") == {"steps": 0, "pretrained": str(tmp_path / "vae.safetensors"), "latent_scale": 0.5}
+    result = run.train("vae")
+    assert result == {"steps": 0, "pretrained": str(tmp_path / "vae.safetensors"), "latent_scale": 0.5,
+                      "through_plane": result["through_plane"]}
+    assert 0.0 <= result["through_plane"] <= 0.25 and run.cfg.vae.through_plane == result["through_plane"]
     run.train("stage1")
     written = load_file(str(tmp_path / "b" / "models" / "vae.safetensors"))
     given = load_file(str(tmp_path / "vae.safetensors"))
@@ -251,6 +265,7 @@ def test_train_all_cli_writes_a_loadable_bundle(phantoms, tmp_path):
     assert all(prov["stages"][s]["steps"] == 2 for s in STAGES)
     assert bundle.info["volumetric"] and bundle.slice_model is not None
     assert bundle.config.vae.scale == pytest.approx(prov["stages"]["vae"]["latent_scale"])
+    assert bundle.config.vae.through_plane == prov["stages"]["vae"]["through_plane"]
     assert {"platform", "cpus", "device"} <= set(prov["machine"]) and prov["wall_s"] > 0
     changed = tiny_config()
     changed.unet.model_channels = 64

@@ -54,6 +54,7 @@ class VAEConfig(_Fields):
     norm_num_groups: int = 32
     sample_size: int = 64
     scale: float = 1.0  # latent scaling factor (SD: 0.18215)
+    through_plane: float = 0.0  # [a, 1-2a, a] along z after per-slice decoding (gem3d.through_plane)
 
     @property
     def factor(self) -> int:
@@ -228,6 +229,7 @@ def to_dict(cfg: Config) -> dict:
 # batch of 0 divides by zero, a beta of NaN or a latent scale of 1e308 generates NaN volumes.
 MAX_NUMBER = 1e9
 RANGES = {"diffusion.beta_start": (1e-8, 1.0), "diffusion.beta_end": (1e-8, 1.0), "vae.scale": (1e-6, 1e3),
+          "vae.through_plane": (0.0, 0.25),
           "train.batch_size": (1, 1 << 16), "diffusion.num_train_timesteps": (1, 1 << 16),
           "diffusion.sampling_steps": (1, 1 << 16), "data.slice_size": (1, 1 << 16), "window_length": (1, 1 << 16),
           "vae.latent_channels": (1, 1 << 16), "unet.model_channels": (1, 1 << 16)}

@@ -34,6 +34,7 @@ from gem3d.preflight import check_mask_not_empty, fit_mask
 from gem3d.request import GenerateRequest, RequestError
 from gem3d.sampler_settings import resolve_sampler
 from gem3d.sampling import generate_latent, plan_windows, propagate, scheduler_factory, start_slice
+from gem3d.through_plane import ThroughPlane
 from gem3d.volume import Volume
 
 log = logging.getLogger("gem3d.pipeline")
@@ -50,6 +51,7 @@ class Switches:
     replace_known: bool = True     # overlapped inpainting: known frames re-noised into every step
     chain_informed: bool = True    # later windows informed by the generated overlap slice (the paper)
     known_noise: str = "fixed"     # known frames re-noised with fixed or fresh noise (`propagate`)
+    through_plane: Optional[float] = None  # the z filter's a (`gem3d.through_plane`); None: the bundle's
 
 
 @dataclass
@@ -159,12 +161,15 @@ class Pipeline:
                             batch_directions=switches.batch_directions, cancel=cancel,
                             replace_known=switches.replace_known, known_noise=switches.known_noise,
                             init_latents=init_latents, strength=float(request.strength))
+        through_plane = self.cfg.vae.through_plane if switches.through_plane is None else switches.through_plane
+        smoother = ThroughPlane(Z, through_plane)
         t2 = time.perf_counter()
         for done, result in enumerate(windows, start=1):
             with self.autocast():
                 slices = decode_latents(self.bundle.vae, result.latents, self.cfg.vae.scale,
                                         channel=conv.decode_channel).float()
-            slices = self.normaliser.inverse(slices[:, 0].clamp(-1, 1).cpu().numpy(), prepared.params)
+            slices = smoother.add(result.start, result.stop, slices[:, 0].clamp(-1, 1).cpu().numpy())
+            slices = self.normaliser.inverse(slices, prepared.params)
             slab = grid.slab_from_model(slices, result.start, result.stop, "image")
             a, b = grid.model_to_reference_range(result.start, result.stop)
             index = [slice(None)] * 3
@@ -186,6 +191,7 @@ class Pipeline:
             "request": request.to_dict(),
             "seed": request.seed,
             "sampler": {"name": sampler, "steps": steps, "eta": request.eta, "strength": request.strength},
+            "through_plane_filter": through_plane,
             "conventions": conv.to_dict(),
             "device": str(self.device),
             "start_position": start_position,

@@ -3,7 +3,7 @@
 RUN_DIR/
   config.yaml                 the run's configuration (a resumed run must match it)
   models/<stage>.safetensors  each finished stage's EMA weights + its result (steps,
-                              final loss, wall time; the VAE also its latent scale)
+                              final loss, wall time; the VAE also its latent scale and z filter)
   checkpoints/<stage>/        resumable training state (see checkpoint.py)
   previews/<stage>_<step>.png
   bundle/                     written by `train all` (or `write_bundle`)
@@ -33,6 +33,7 @@ from gem3d import typed
 from gem3d.bundle import cpu_tensors, save_bundle
 from gem3d.config import Config
 from gem3d.models import build_slice_model, build_unet, build_vae
+from gem3d.through_plane import calibrate_vae
 from gem3d.training import stages
 from gem3d.training.data import LatentCache, TrainingSet, latent_scale, load_training_set, raw_latents
 from gem3d.training.distributed import Context
@@ -102,9 +103,12 @@ class Run:
         return module.to(self.ctx.device)
 
     def vae(self) -> torch.nn.Module:
-        """The trained (or pretrained) VAE, frozen; sets cfg.vae.scale to its latent scale."""
+        """The trained (or pretrained) VAE, frozen; sets cfg.vae.scale to its latent scale and
+        cfg.vae.through_plane to its calibrated z filter (0 for runs made before it existed)."""
         if self._vae is None:
-            self.cfg.vae.scale = float(self.result("vae")["latent_scale"])
+            result = self.result("vae")
+            self.cfg.vae.scale = float(result["latent_scale"])
+            self.cfg.vae.through_plane = float(result.get("through_plane", 0.0))
             self._vae = self._load("vae", build_vae(self.cfg)).eval().requires_grad_(False)
         return self._vae
 
@@ -142,7 +146,8 @@ class Run:
         if stage.name == "vae":
             raw = raw_latents(stage.model, self.training_set.cases, self.ctx.device)
             result["latent_scale"] = latent_scale(raw)
-            self._use_vae(stage.model, result["latent_scale"], raw)
+            result["through_plane"] = self._calibrated_through_plane(stage.model, result["latent_scale"])
+            self._use_vae(stage.model, result, raw)
         self._save_output(stage.name, stage.model, result)
         return result
 
@@ -151,16 +156,22 @@ class Run:
             raise ValueError("train.vae_steps is 0: give the pretrained VAE with --vae-weights FILE")
         vae = build_vae(self.cfg).to(self.ctx.device)
         vae.load_state_dict(load_file(str(self.vae_weights), device=str(self.ctx.device)))
-        result = {"steps": 0, "pretrained": str(self.vae_weights), "latent_scale": self.cfg.vae.scale}
-        self._use_vae(vae, self.cfg.vae.scale)
+        result = {"steps": 0, "pretrained": str(self.vae_weights), "latent_scale": self.cfg.vae.scale,
+                  "through_plane": self._calibrated_through_plane(vae, self.cfg.vae.scale)}
+        self._use_vae(vae, result)
         self._save_output("vae", vae, result)
         return result
 
-    def _use_vae(self, vae: torch.nn.Module, scale: float, raw=None) -> None:
-        """Use `vae` from now on; its latent scale is cfg.vae.scale (the bundle's fact), and
-        diffusers' own copy of it is kept equal for code that reads the model's config."""
-        self.cfg.vae.scale = float(scale)
-        vae.register_to_config(scaling_factor=float(scale))
+    def _calibrated_through_plane(self, vae: torch.nn.Module, scale: float) -> float:
+        """The z filter this VAE's per-slice decoding needs (`gem3d.through_plane`: the stripe fix)."""
+        return calibrate_vae(vae, scale, [case.image for case in self.training_set.cases])
+
+    def _use_vae(self, vae: torch.nn.Module, result: dict, raw=None) -> None:
+        """Use `vae` from now on; its latent scale and z filter are cfg.vae's (the bundle's
+        facts), and diffusers' own copy of the scale is kept equal for code that reads it."""
+        scale = float(result["latent_scale"])
+        self.cfg.vae.scale, self.cfg.vae.through_plane = scale, float(result["through_plane"])
+        vae.register_to_config(scaling_factor=scale)
         self._vae = vae.eval().requires_grad_(False)
         self._cache, self._raw = None, raw
 
