@@ -62,6 +62,7 @@ BEFORE, PRODUCT = "before the fix: DPM++ 20, known frames fixed noise", "product
 SHORT_RUN = (BEFORE, PRODUCT)
 SHORT = {"before the fix: DPM++ 20, known frames fixed noise": "before the fix",
          "DPM++ 20, known frames fresh noise": "fresh noise", "DPM++ 20, no known-frame replacement": "no replacement",
+         "DDIM-20 eta 1, fixed noise": "DDIM-20 eta 1",
          "product: DPM++ 20 + the bundle's through-plane filter": "product (fixed)",
          "DDIM-20 eta 1 + the bundle's through-plane filter": "DDIM-20 eta1+filter"}   # montage row titles
 
