@@ -125,3 +125,38 @@ def test_the_product_streams_windows_smoothed_with_the_bundles_filter(tmp_path):
         index[name] = stripe_index(to_unit(axial_view(written), scale))
     assert recorded == {"product": pytest.approx(0.1625), "off": 0.0}
     assert index["product"] < 0.9 * index["off"], index
+
+
+def test_bundle_calibrate_gives_an_older_bundle_the_filter_its_training_gave(tmp_path):
+    """The demo bundle as a bundle made before the fix (filter 0), calibrated on the first 8 of
+    its own training phantoms: a copy with the 0.1625 the shipped bundle carries; the input is
+    left as it was, and the command refuses to write over it or over an existing folder."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from gem3d import phantom
+    from gem3d.bundle import load_bundle
+    from gem3d.bundle_format import DEMO_BUNDLE
+    from gem3d.cli import main
+
+    older = tmp_path / "older"
+    shutil.copytree(DEMO_BUNDLE, older)
+    info = json.loads((older / "bundle.json").read_text())
+    info["config"]["vae"]["through_plane"] = 0.0
+    (older / "bundle.json").write_text(json.dumps(info))
+    before = (older / "bundle.json").read_bytes()
+    phantom.write_dataset(tmp_path / "data", "brain", cases=8, size=64, slices=32, seed=1)
+    runner = CliRunner()
+    args = ["bundle", "calibrate", str(older), "--dataset", str(tmp_path / "data"), "--device", "cpu"]
+    result = runner.invoke(main, args + ["--out", str(tmp_path / "calibrated")])
+    assert result.exit_code == 0, result.output
+    assert "a = 0.1625 (was 0)" in result.output
+    calibrated = load_bundle(tmp_path / "calibrated")
+    assert calibrated.config.vae.through_plane == pytest.approx(0.1625)
+    assert "bundle calibrate" in calibrated.info["provenance"]["notes"]["through_plane"]
+    assert (older / "bundle.json").read_bytes() == before
+    for out, message in ((older, "the bundle itself"), (tmp_path / "calibrated", "exists")):
+        result = runner.invoke(main, args + ["--out", str(out)])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    assert (older / "bundle.json").read_bytes() == before

@@ -1,4 +1,5 @@
-"""`gem3d bundle info`: what a model bundle holds, or how big a configuration's networks are."""
+"""`gem3d bundle info`: what a model bundle holds, or how big a configuration's networks are;
+`gem3d bundle calibrate`: a copy of a bundle with its through-plane filter calibrated."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -81,3 +82,45 @@ def info(path, config):
         raise click.ClickException(str(err)) from None
     _summary(loaded)
     _echo_counts(parameter_counts({"vae": loaded.vae, "unet": loaded.unet, "slice_model": loaded.slice_model}))
+
+
+@bundle.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Scans like those the bundle will generate (a dataset with masks, nnU-Net or gem3d layout); "
+                   "its first 8 labelled cases are used.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the calibrated copy (PATH itself is never changed).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def calibrate(path, dataset, out, device, overwrite):
+    """Calibrate the through-plane filter (the stripe fix) of the bundle at PATH on a dataset.
+
+    For bundles made before `gem3d train` calibrated it, and for imported official checkpoints
+    (both have no filter): the copy in --out smooths its outputs along z as much as its VAE needs
+    (README, "Model bundles")."""
+    from gem3d.bundle import BundleError, load_bundle, save_bundle
+    from gem3d.engine import resolve_device
+    from gem3d.through_plane import CALIBRATION_CASES, calibrate_vae
+    from gem3d.training.data import load_training_set
+
+    if out.resolve() == path.resolve():
+        raise click.UsageError("--out is the bundle itself; give a new folder (the input bundle is never changed)")
+    if out.exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; choose another --out folder or pass --overwrite")
+    try:
+        loaded = load_bundle(path, resolve_device(device))
+        volumes = [case.image for case in load_training_set(dataset, loaded.config, CALIBRATION_CASES).cases]
+    except (BundleError, ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    cfg = loaded.config
+    before = cfg.vae.through_plane
+    cfg.vae.through_plane = calibrate_vae(loaded.vae, cfg.vae.scale, volumes)
+    provenance = dict(loaded.info["provenance"])
+    provenance["notes"] = dict(provenance.get("notes", {}), through_plane=(
+        f"calibrated to {cfg.vae.through_plane:g} by gem3d bundle calibrate on {len(volumes)} cases of {dataset}"))
+    modules = {"vae": loaded.vae, "unet": loaded.unet}
+    if loaded.slice_model is not None:
+        modules["slice_model"] = loaded.slice_model
+    save_bundle(out, cfg, modules, provenance, overwrite=True)
+    click.echo(f"through-plane filter a = {cfg.vae.through_plane:g} (was {before:g}); the calibrated bundle: {out}")

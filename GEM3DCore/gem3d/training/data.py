@@ -43,14 +43,15 @@ def label_mapping(source: LabelMap, model: LabelMap, where: str) -> Dict[int, in
         raise ValueError(f"{where}: {err}; the model's labels are {model}") from None
 
 
-def load_training_set(path, cfg: Config) -> TrainingSet:
-    """Every labelled case of the dataset at `path` on the model grid (unlabelled cases are skipped)."""
+def load_training_set(path, cfg: Config, limit: Optional[int] = None) -> TrainingSet:
+    """Every labelled case of the dataset at `path` on the model grid (unlabelled cases are
+    skipped), or the first `limit` of them."""
     dataset = open_dataset(path)
     mapping = label_mapping(dataset.label_map, cfg_label_map(cfg), str(path))
     normaliser = make_normaliser(cfg_intensity(cfg))
     cases = []
     for case in dataset.cases:
-        if case.mask is None:
+        if case.mask is None or (limit is not None and len(cases) >= limit):
             continue
         prepared = prepare_case(read_volume(case.image, case.channel), read_volume(case.mask),
                                 cfg.data.slice_size, normaliser, mapping, case.case_id)
