@@ -25,7 +25,7 @@ from gem3d.evaluation.consistency import stripe_profile
 from gem3d.models import decode_latents, encode_slices
 
 MAX_A = 0.25                                   # [0.25, 0.5, 0.25]: the strongest filter kept positive
-CALIBRATION_GRID = np.linspace(0.0, MAX_A, 21)  # steps of 0.0125
+CALIBRATION_GRID = np.round(np.linspace(0.0, MAX_A, 21), 4)  # steps of 0.0125
 CALIBRATION_CASES = 8                          # volumes enough to pool the index over
 
 
