@@ -39,7 +39,7 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
     report = json.loads((tmp_path / "paper_tables_quick.json").read_text())
     assert set(report["table1"]) == {"ic", "icma", "ig", "igma", "baseline"}
     assert set(report["table2"]) == {"GEM-3D", "baseline"}
-    assert set(report["samplers"]) == {"ddim-3", "dpm++-2", "unipc-2"}
+    assert set(report["samplers"]) == {"ddim-3", "ddim-3-eta1", "dpm++-2", "unipc-2"}
     assert report["downstream"]["GEM-3D 3x"]["training_volumes"] == 3 * report["budget"]["train"]
     assert 0 < report["table2"]["GEM-3D"]["paired"]["psnr"] < 100
     text = (tmp_path / "paper_tables_quick.md").read_text()

@@ -64,22 +64,27 @@ sys.path.insert(0, str(ROOT))
 from speed import machine  # noqa: E402  (one definition of "the machine")
 
 LABELS = {1: "necrosis", 2: "edema", 4: "enhancing"}
+# (name, steps) or (name, steps, DDIM eta): DDIM-200 with eta 1 is the paper's sampler
+PAPER_SAMPLERS = (("ddim", 200), ("ddim", 200, 1.0), ("ddim", 20, 1.0), ("dpm++", 20), ("unipc", 10))
+# What the data and models in a work folder depend on (the samplers and evaluation may change)
+MODEL_FIELDS = ("name", "train", "test", "size", "slices", "window", "vae", "stage1", "stage2", "slice", "sites",
+                "seed")
 BUDGETS = {
     "quick": dict(train=4, test=4, size=32, slices=12, window=4, vae=10, stage1=10, stage2=5, slice=5,
-                  sampler=("dpm++", 2), samplers=(("ddim", 3), ("dpm++", 2), ("unipc", 2)),
+                  sampler=("dpm++", 2), samplers=(("ddim", 3), ("ddim", 3, 1.0), ("dpm++", 2), ("unipc", 2)),
                   seg_steps=10, resamples=3, planes=8, sites=2),
     "default": dict(train=12, test=6, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500, slice=3000,
-                    sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
+                    sampler=("dpm++", 20), samplers=PAPER_SAMPLERS,
                     seg_steps=400, resamples=3, planes=16, sites=0),
     # The default scale on the multi-site testbed: does the informed slice matter once patients
     # and sites differ after normalisation? ~75 min on 2 CPU cores (measured: BENCHMARKS.md).
     "sites32": dict(train=24, test=12, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500,
-                    slice=3000, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
+                    slice=3000, sampler=("dpm++", 20), samplers=PAPER_SAMPLERS,
                     seg_steps=400, resamples=3, planes=16, sites=4),
     # The paper's window length: 64x64 slices, windows of 16, 24 training / 12 held-out cases at 4
     # sites. Measured on 2 CPU cores: 2 h 8 min (train 51, baseline 15, generate 50, report 11 min).
     "paper64": dict(train=24, test=12, size=64, slices=48, window=16, vae=1000, stage1=3000, stage2=800,
-                    slice=1500, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
+                    slice=1500, sampler=("dpm++", 20), samplers=PAPER_SAMPLERS,
                     seg_steps=400, resamples=3, planes=16, sites=4),
 }
 STAGES = ("data", "train", "baseline", "generate", "report")
@@ -103,6 +108,7 @@ def make_config(b: dict, informed: bool = True, stage2: bool = True, slice_model
     t.stage2_steps = b["stage2"] if stage2 else 0
     t.slice_steps = b["slice"] if informed and slice_model else 0
     t.checkpoint_every, t.preview_every = 250, 0  # a stopped training resumes mid-model
+    t.seed = b["seed"]
     return cfg
 
 
@@ -148,7 +154,12 @@ def train_baseline(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
 
 def recipe(b: dict) -> str:
     """The command a bundle's provenance names."""
-    return f"benchmarks/paper_tables.py --budget {b['name']}"
+    return f"benchmarks/paper_tables.py --budget {b['name']}" + (f" --seed {b['seed']}" if b["seed"] else "")
+
+
+def sampler_name(sampler) -> str:
+    """A sampler's name in the tables: ddim-200, ddim-200-eta1."""
+    return "-".join(map(str, sampler[:2])) + (f"-eta{sampler[2]:g}" if len(sampler) > 2 else "")
 
 
 def log_trained(log, results: Dict[str, dict]) -> None:
@@ -158,7 +169,8 @@ def log_trained(log, results: Dict[str, dict]) -> None:
 
 def generate_set(engine, cases, out: Path, informed, sampler, seed: int, augment=None, **switches) -> List[float]:
     """One volume per case into an nnU-Net raw folder (ids <case>_synKK, KK = seed, the
-    re-sample index); `informed(i, case)` gives each InformedSpec. Seconds per volume."""
+    re-sample index); `informed(i, case)` gives each InformedSpec; `sampler`: (name, steps) or
+    (name, steps, DDIM eta). Seconds per volume."""
     from gem3d.request import GenerateRequest
 
     for folder in ("imagesTr", "labelsTr"):
@@ -171,7 +183,8 @@ def generate_set(engine, cases, out: Path, informed, sampler, seed: int, augment
                                   out=str(out / "imagesTr" / f"{out_id}_0000.nii.gz"),
                                   mask_out=str(out / "labelsTr" / f"{out_id}.nii.gz"),
                                   informed=informed(i, case), augment=augment, sampler=sampler[0],
-                                  steps=sampler[1], seed=seed * 1000 + i, overwrite=True)
+                                  steps=sampler[1], eta=sampler[2] if len(sampler) > 2 else None,
+                                  seed=seed * 1000 + i, overwrite=True)
         for event in engine.generate(request, **switches):
             if event["event"] == "error":
                 raise RuntimeError(f"{out_id}: {event['message']}")
@@ -210,7 +223,7 @@ def paired_stats(d: np.ndarray, resamples: int = 2000) -> dict:
 def paired_differences(report: dict) -> Dict[str, Dict[str, dict]]:
     """Every paired comparison of a report (also recomputed from a committed JSON by
     `benchmarks/paired_restats.py`)."""
-    gem, main = report["table2"]["GEM-3D"], "{}-{}".format(*report["budget"]["sampler"])
+    gem, main = report["table2"]["GEM-3D"], sampler_name(report["budget"]["sampler"])
     return {
         "GEM-3D - baseline": case_differences(gem, report["table2"]["baseline"]),
         **{f"GEM-3D - {k}": case_differences(gem, report["ablations"][k])
@@ -517,15 +530,19 @@ def main(argv=None) -> dict:
                         help="Run up to and including this stage (earlier stages are re-used from --work).")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a folder in the temp dir).")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Training seed of GEM-3D and the baseline (default 0); the phantoms and held-out "
+                             "cases stay the same. With a seed, files and the default work folder end in _seed<S>.")
     args = parser.parse_args(argv)
     name = "quick" if args.quick else args.budget
-    b = dict(BUDGETS[name], name=name)
+    b = dict(BUDGETS[name], name=name, seed=args.seed or 0)
+    tag = name if args.seed is None else f"{name}_seed{args.seed}"
     last = STAGES.index(args.stage) if args.stage != "all" else len(STAGES) - 1
-    work = args.work or Path(tempfile.gettempdir()) / f"gem3d_paper_tables_{name}"
+    work = args.work or Path(tempfile.gettempdir()) / f"gem3d_paper_tables_{tag}"
     work.mkdir(parents=True, exist_ok=True)
-    stamp = work / "budget.json"  # data and models in `work` are re-used only for the same budget
-    if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(b)):
-        raise SystemExit(f"{work} holds data/models of another budget; delete it or give another --work")
+    stamp = work / "budget.json"  # data and models in `work` are re-used only for the same budget and seed
+    if stamp.exists() and any({"seed": 0, **json.loads(stamp.read_text())}.get(k) != b[k] for k in MODEL_FIELDS):
+        raise SystemExit(f"{work} holds data/models of another budget or seed; delete it or give another --work")
     stamp.write_text(json.dumps(b, indent=1))
     phases_file = work / "phases.json"
     phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
@@ -624,8 +641,8 @@ def main(argv=None) -> dict:
                          "no volumetric tuning": gen("test_no_vt", "gem3d_stage1", test_cases, same),
                          "informed slice kept for every window": gen("test_kept", "gem3d", test_cases, same,
                                                                      switches=kept_informed)},
-                "samplers": {f"{s}-{k}": gen(f"test_{s}{k}", "gem3d", test_cases, same, sampler=(s, k))
-                             for s, k in b["samplers"]},
+                "samplers": {sampler_name(s): gen("test_" + sampler_name(s).replace("-", ""), "gem3d", test_cases,
+                                                  same, sampler=s) for s in b["samplers"]},
                 "informed": {"same case": syn / "test_gem3d",
                              "another patient, same site": gen("test_other_patient", "gem3d", test_cases,
                                                                held_out(True)),
@@ -696,7 +713,7 @@ def main(argv=None) -> dict:
         report["downstream"] = cached(work / "eval" / "downstream.json",
                                       lambda: downstream(b, test, downstream_sets))
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        prefix = args.out_dir / f"paper_tables_{name}"
+        prefix = args.out_dir / f"paper_tables_{tag}"
         write_montage(test, {"GEM-3D": held["GEM-3D"], "baseline": held["baseline"],
                              "other site": sets["informed"]["another site"], "harmonised": sets["harmonised"]},
                       Path(str(prefix) + "_montage.png"))
