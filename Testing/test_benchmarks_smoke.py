@@ -34,6 +34,8 @@ def test_speed_smoke_writes_its_table(tmp_path):
 
 
 def test_paper_tables_quick_writes_its_tables(tmp_path):
+    from gem3d.evaluation.volumes import source_id
+
     result = run("paper_tables.py", "--quick", "--out-dir", str(tmp_path), "--work", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "paper_tables_quick.json").read_text())
@@ -62,7 +64,40 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
     assert anatomy["real (ceiling)"] > anatomy["another patient's real scan (floor)"] + 0.1, anatomy
     assert report["harmonisation"]["before"]["wm_across_sites"] > 0
     assert "## Informed slice" in text and "## Harmonisation" in text
-    for suffix in ("montage", "table1", "samplers", "downstream"):
+    # the informed slice's gain against a baseline calibrated on the informed slice, and by distance from it
+    assert set(report["calibrated"]) == {"calibrated baseline", "tissue-calibrated baseline (oracle)"}
+    assert f"{len(report['paired_differences'])} comparisons" in text and "Wilcoxon p" in text
+    for name in ("GEM-3D - calibrated baseline", "another patient, same site - calibrated baseline",
+                 "calibrated baseline - baseline"):
+        d = report["paired_differences"][name]["psnr"]
+        assert d["cases"] == report["budget"]["test"] and d["t_ci95"][0] <= d["mean"] <= d["t_ci95"][1]
+        assert 0 < d["wilcoxon_p"] <= 1 and 0 < d["sign_p"] <= 1
+    work = tmp_path / "work" / "synthetic"
+    window, slices = report["budget"]["window"], report["budget"]["slices"]
+    for image in sorted((work / "test_gem3d" / "imagesTr").glob("*_0000.nii.gz")):   # informed_z is the slice used
+        record = json.loads(image.with_name(image.name.replace("_0000.nii.gz", "_0000.provenance.json")).read_text())
+        assert record["informed_slice"]["model_index"] == record["start_slice"] + window // 2
+        calibrated = json.loads((work / "test_baseline_intensity_calibrated" / "imagesTr" / image.name.replace(
+            "_0000.nii.gz", "_0000.provenance.json")).read_text())
+        assert calibrated["calibration"]["fitted_on_scan_index"] == record["informed_slice"]["scan_index"]
+    bins = report["distance"]["bins"]
+    sets = {"GEM-3D, same case", "GEM-3D, another patient", "baseline", "calibrated baseline",
+            "tissue-calibrated baseline (oracle)"}
+    for name in sets:       # every slice of every case in exactly one bin
+        assert sum(row["slices_counted"][name] for row in bins) == slices * report["budget"]["test"]
+    informed = bins[0]      # the informed slice itself, one per case: the calibration was fitted there
+    assert informed["fraction"] == [None, 0.0] and informed["slices_counted"]["baseline"] == report["budget"]["test"]
+    for case, raw in informed["cases"]["baseline"].items():
+        assert informed["cases"]["calibrated baseline"][case] >= raw
+    for name in sets:       # the bins' slice-weighted means give back each set's Table 2 PSNR
+        scored = {**report["table2"], **report["calibrated"], "GEM-3D, same case": report["table2"]["GEM-3D"],
+                  "GEM-3D, another patient": report["informed"]["another patient, same site"]}[name]
+        for case, row in scored["cases"].items():
+            case = source_id(case)
+            psnr = sum(b["cases"][name][case] * b["case_slices"][name][case] for b in bins if case in b["cases"][name])
+            assert psnr / slices == pytest.approx(row["psnr"], abs=1e-6)
+    assert "## Is the informed slice's gain only contrast?" in text and "PSNR by distance" in text
+    for suffix in ("montage", "table1", "samplers", "downstream", "distance"):
         assert (tmp_path / f"paper_tables_quick_{suffix}.png").stat().st_size > 1000
     # resumable by stage: a second run re-uses every stage's results instead of redoing them
     done = tmp_path / "work" / "synthetic" / "test_gem3d.done.json"
@@ -71,6 +106,8 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
                 "--work", str(tmp_path / "work"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert done.stat().st_mtime_ns == stamp and "generated test_gem3d" in again.stderr
+    other_seed = run("paper_tables.py", "--quick", "--seed", "1", "--stage", "data", "--work", str(tmp_path / "work"))
+    assert other_seed.returncode != 0 and "another budget or seed" in other_seed.stderr
 
 
 @pytest.mark.slow

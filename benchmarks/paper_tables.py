@@ -224,14 +224,39 @@ def paired_differences(report: dict) -> Dict[str, Dict[str, dict]]:
     """Every paired comparison of a report (also recomputed from a committed JSON by
     `benchmarks/paired_restats.py`)."""
     gem, main = report["table2"]["GEM-3D"], sampler_name(report["budget"]["sampler"])
+    calibrated = report.get("calibrated", {})          # older results lack the calibrated baselines
+    other = report.get("informed", {}).get("another patient, same site")
     return {
         "GEM-3D - baseline": case_differences(gem, report["table2"]["baseline"]),
+        **{f"GEM-3D - {k}": case_differences(gem, v) for k, v in calibrated.items()},
+        **({"another patient, same site - calibrated baseline":
+            case_differences(other, calibrated["calibrated baseline"]),
+            "calibrated baseline - baseline": case_differences(calibrated["calibrated baseline"],
+                                                               report["table2"]["baseline"])}
+           if calibrated and other else {}),
         **{f"GEM-3D - {k}": case_differences(gem, report["ablations"][k])
            for k in ("no volumetric tuning", "no overlapped inpainting", "informed slice kept for every window")
            if k in report["ablations"]},                  # older results lack the last ablation
         **{f"sampler {main} - {k}": case_differences(gem, v) for k, v in report["samplers"].items() if k != main},
         **{f"same case - {k}": case_differences(gem, v) for k, v in report.get("informed", {}).items()
            if k != "same case"}}
+
+
+def paired_table(diffs: Dict[str, Dict[str, dict]], metric: str = "psnr") -> List[str]:
+    """Markdown rows of paired comparisons with every test, and how many comparisons the table
+    holds: with k comparisons at 5 %, about 0.05 k false "excludes 0" are expected by chance."""
+    lines = [f"{len(diffs)} comparisons (Bonferroni threshold p < {0.05 / max(len(diffs), 1):.4f}); **bold**: the "
+             "t-interval excludes 0.", "",
+             "| comparison | mean | bootstrap 95 % | t 95 % | ahead | sign p | Wilcoxon p |",
+             "|---|---|---|---|---|---|---|"]
+    for name, d in diffs.items():
+        p = d[metric]
+        mean = f"{p['mean']:+.3f}"
+        excludes = p["t_ci95"][0] > 0 or p["t_ci95"][1] < 0
+        lines.append(f"| {name} | {f'**{mean}**' if excludes else mean} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
+                     f"[{p['t_ci95'][0]:+.3f}, {p['t_ci95'][1]:+.3f}] | {p['ahead']}/{p['cases']} | "
+                     f"{p['sign_p']:.3g} | {p['wilcoxon_p']:.3g} |")
+    return lines
 
 
 def case_differences(a: dict, b: dict) -> Dict[str, dict]:
@@ -332,6 +357,120 @@ def site_spread(contrast: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return out
 
 
+CALIBRATIONS = {"calibrated baseline": "intensity", "tissue-calibrated baseline (oracle)": "tissue"}
+# Distance bins' upper edges as fractions of the window length (the first bin is the informed slice
+# itself; the last holds everything beyond two windows)
+DISTANCE_EDGES = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def informed_z(image: Path, window: int) -> int:
+    """The axial (model-grid) slice a generated case's informed slice sits at: its first window's
+    centre (`pipeline._start_and_informed`), from the output's provenance."""
+    from gem3d.io import provenance_path
+
+    return int(json.loads(provenance_path(image).read_text())["start_slice"]) + window // 2
+
+
+def calibration_classes(kind: str, x: np.ndarray, labels: np.ndarray, truth: dict) -> np.ndarray:
+    """"intensity": lesion labels and bins of the baseline's own healthy intensities (nothing the
+    mask-only model lacks); "tissue": lesion labels and the phantom's dominant tissue (the true
+    anatomy: an oracle the baseline never has, so it bounds what labels alone give)."""
+    from gem3d.evaluation.calibration import intensity_classes
+
+    if kind == "intensity":
+        return intensity_classes(x, labels)
+    tissue = phantom_tissue(truth, x.shape)
+    names = sorted(tissue)
+    dominant = np.argmax(np.stack([tissue[n] for n in names]), 0)
+    return np.where(labels > 0, -labels.astype(np.int64), dominant)
+
+
+def calibrate_set(baseline: Path, test: Path, out: Path, window: int, kind: str) -> Path:
+    """The baseline's volumes mapped per class (`gem3d.evaluation.calibration`) onto the real scan,
+    fitted on the informed slice's voxels alone; provenance kept, with the maps added."""
+    from gem3d.evaluation.calibration import apply_per_class, fit_per_class
+    from gem3d.evaluation.volumes import source_id
+    from gem3d.grid import ModelGrid
+    from gem3d.io import provenance_path, read_volume, write_volume
+    from gem3d.volume import Volume
+
+    if (out / "dataset.json").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(baseline / "labelsTr", out / "labelsTr")
+    (out / "imagesTr").mkdir()
+    for image in sorted((baseline / "imagesTr").glob("*_0000.nii.gz")):
+        case = source_id(image.name[:-len("_0000.nii.gz")])
+        x, real = read_volume(image), read_volume(test / "imagesTr" / f"{case}_0000.nii.gz")
+        labels = read_volume(test / "labelsTr" / f"{case}.nii.gz").array
+        truth = json.loads((test / "groundtruth" / f"{case}.json").read_text())
+        grid = ModelGrid.fit(real.geometry, real.shape, 1)
+        where = np.zeros(real.shape, bool)
+        index = [slice(None)] * 3
+        index[grid.axis] = grid.axial.reference_index(informed_z(image, window))
+        where[tuple(index)] = True
+        classes = calibration_classes(kind, x.array, labels, truth)
+        coefficients = fit_per_class(x.array, real.array, classes, where)
+        write_volume(Volume(apply_per_class(x.array, classes, coefficients), x.geometry), out / "imagesTr" / image.name)
+        record = json.loads(provenance_path(image).read_text())
+        record["calibration"] = {"classes": kind, "fitted_on_scan_index": int(index[grid.axis]),
+                                 "maps": {str(c): ab for c, ab in coefficients.items()}}
+        provenance_path(out / "imagesTr" / image.name).write_text(json.dumps(record, indent=1, default=str))
+    shutil.copy(baseline / "dataset.json", out / "dataset.json")
+    return out
+
+
+def slice_psnr(test: Path, folder: Path, window: int) -> Dict[str, tuple]:
+    """{case: (informed slice z, PSNR of each axial slice pair)}: Table 2's protocol before its mean
+    over slices (`gem3d.evaluation.metrics.slice_metrics`, the real scan's intensity range)."""
+    from gem3d.datasets import open_dataset
+    from gem3d.evaluation.metrics import slice_metrics
+    from gem3d.evaluation.volumes import pair_cases, read_case, to_unit, unit_range
+
+    out = {}
+    for case, partner in pair_cases(open_dataset(test).cases, open_dataset(folder).cases):
+        truth, image = read_case(partner)[0], read_case(case)[0]
+        value_range = unit_range(truth)
+        out[partner.case_id] = (informed_z(Path(case.image), window),
+                                slice_metrics(to_unit(truth, value_range), to_unit(image, value_range))["psnr"])
+    return out
+
+
+DISTANCE_PAIRS = (("GEM-3D, same case", "baseline"), ("GEM-3D, same case", "calibrated baseline"),
+                  ("GEM-3D, same case", "GEM-3D, another patient"))
+
+
+def distance_profile(test: Path, sets: Dict[str, Path], window: int) -> dict:
+    """PSNR against the real scan by distance from the informed slice, |z - z_informed| binned in
+    fractions of the window length: per bin, each set's mean over cases of the case's bin mean
+    (every case weighs the same), the slices each set and case have there, and paired per-case
+    differences."""
+    bins = []
+    for k, high in enumerate(DISTANCE_EDGES + (None,)):
+        low = DISTANCE_EDGES[k - 1] if k else None
+        bins.append({"fraction": [low, high],
+                     "slices": [0 if low is None else int(np.floor(low * window)) + 1,
+                                None if high is None else int(np.floor(high * window))],
+                     "slices_counted": {}, "cases": {}, "case_slices": {}})
+    for name, folder in sets.items():
+        for case, (z, values) in slice_psnr(test, folder, window).items():
+            which = np.searchsorted(DISTANCE_EDGES, np.abs(np.arange(len(values)) - z) / window, side="left")
+            for k, row in enumerate(bins):
+                inside = which == k
+                row["slices_counted"][name] = row["slices_counted"].get(name, 0) + int(inside.sum())
+                if inside.any():
+                    row["cases"].setdefault(name, {})[case] = float(values[inside].mean())
+                    row["case_slices"].setdefault(name, {})[case] = int(inside.sum())
+    for row in bins:
+        row["mean"] = {name: float(np.mean(list(v.values()))) for name, v in row["cases"].items()}
+        row["paired"] = {}
+        for a, b in DISTANCE_PAIRS:
+            shared = sorted(set(row["cases"].get(a, {})) & set(row["cases"].get(b, {})))
+            if len(shared) > 1:
+                row["paired"][f"{a} - {b}"] = paired_stats([row["cases"][a][c] - row["cases"][b][c] for c in shared])
+    return {"window": window, "bins": bins}
+
+
 def downstream(b: dict, test: Path, sets: Dict[str, List[Path]]) -> Dict[str, dict]:
     """Dice on held-out real cases of one tiny segmenter per training set (same steps, seed)."""
     from gem3d.datasets import open_dataset
@@ -412,6 +551,18 @@ def plots(report: dict, prefix: Path) -> List[str]:
     ax.set_title("Samplers on held-out cases")
     save(fig, "_samplers.png")
 
+    bins = [r for r in report["distance"]["bins"] if r["mean"]]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name in bins[0]["mean"]:
+        ax.plot(range(len(bins)), [r["mean"].get(name, np.nan) for r in bins], marker="o", label=name)
+    ax.set_xticks(range(len(bins)), ["0" if r["fraction"][1] == 0 else f"> {r['fraction'][0]:g}"
+                                     if r["fraction"][1] is None else f"\u2264 {r['fraction'][1]:g}" for r in bins])
+    ax.set_xlabel("|z - z_informed| / window length")
+    ax.set_ylabel("PSNR per slice (dB)")
+    ax.set_title("Held-out cases: PSNR by distance from the informed slice")
+    ax.legend(fontsize=7)
+    save(fig, "_distance.png")
+
     d = report["downstream"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar(list(d), [d[n]["all"] for n in d])
@@ -449,14 +600,26 @@ def markdown(report: dict) -> str:
                 f"{fmt(r['consistency']['seam_w1'])} | {fmt(r['dice']['all'])} | {fmt(r['seconds_per_volume'])} |")
 
     lines += [row(n, r) for n, r in report["table2"].items()]
-    lines += ["", "Per held-out case, paired: mean difference [95 % bootstrap CI] (cases where the first is "
-              "ahead; exact sign-test p):", "",
-              "| comparison | PSNR dB | SSIM | MS-SSIM |", "|---|---|---|---|"]
+    lines += ["", "Per held-out case, paired PSNR dB differences: mean, 95 % percentile bootstrap CI, 95 % "
+              "t-interval, cases where the first is ahead, exact sign-test p, Wilcoxon signed-rank p. "
+              + paired_table(report["paired_differences"])[0], ""] + paired_table(report["paired_differences"])[2:]
+    lines += ["", "SSIM and MS-SSIM, the same comparisons: mean [95 % t-interval] (cases ahead):", "",
+              "| comparison | SSIM | MS-SSIM |", "|---|---|---|"]
     for n, diff in report["paired_differences"].items():
         lines.append(f"| {n} | " + " | ".join(
-            f"{d['mean']:+.3g} [{d['ci95'][0]:+.2g}, {d['ci95'][1]:+.2g}] "
-            f"({d['ahead']}/{d['cases']}; p {d['sign_p']:.2g})"
-            for d in (diff["psnr"], diff["ssim"], diff["ms_ssim"])) + " |")
+            f"{d['mean']:+.3g} [{d['t_ci95'][0]:+.2g}, {d['t_ci95'][1]:+.2g}] ({d['ahead']}/{d['cases']})"
+            for d in (diff["ssim"], diff["ms_ssim"])) + " |")
+    if report.get("calibrated"):
+        lines += ["", "## Is the informed slice's gain only contrast? (held-out cases)", "",
+                  "The baseline's output mapped onto the real scan per class (a x + b), fitted on the informed "
+                  "slice's voxels alone. Calibrated baseline: classes = lesion labels and quartiles of the "
+                  "baseline's own healthy intensities (a contrast change, no anatomy). Tissue-calibrated (oracle): "
+                  "classes = lesion labels and the phantom's true dominant tissue, anatomy neither model has.", "",
+                  "| method | PSNR dB | SSIM | MS-SSIM | FID-A | FID-C | FID-S | seam W1 | Dice WT | s/volume |",
+                  "|---|---|---|---|---|---|---|---|---|---|", row("baseline", report["table2"]["baseline"])]
+        lines += [row(n, r) for n, r in report["calibrated"].items()] + [row("GEM-3D", report["table2"]["GEM-3D"])]
+    if report.get("distance"):
+        lines += ["", distance_markdown(report["distance"])]
     lines += ["", "## Table 1 analogue: training masks re-sampled (FID vs the training volumes)", "",
               "| setting | FID-A | FID-C | FID-S | ISD W1 | seam W1 | seam max | Dice WT | s/volume |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -508,6 +671,32 @@ def markdown(report: dict) -> str:
         lines.append(f"| {n} | {r['training_volumes']} | {fmt(r['all'])} | {fmt(r['label_1'])} | "
                      f"{fmt(r['label_2'])} | {fmt(r['label_4'])} |")
     return "\n".join(lines) + "\n"
+
+
+def distance_markdown(profile: dict) -> str:
+    """The PSNR-by-distance table: set means per bin, then paired differences [95 % t-interval]."""
+    bins = profile["bins"]
+    names = list(bins[0]["mean"])
+    pairs = [p for p in bins[0]["paired"]]
+    lines = [f"### PSNR by distance from the informed slice (window {profile['window']} slices)", "",
+             "Per axial slice against the real scan, |z - z_informed| binned; each set's mean over cases of "
+             "the case's bin mean; paired differences: mean [95 % t-interval] (cases ahead), descriptive "
+             f"({len(pairs)} per bin).", "",
+             "| slices | fraction of window | slices counted | " + " | ".join(names + pairs) + " |",
+             "|---" * (3 + len(names) + len(pairs)) + "|"]
+    for row in bins:
+        if not row["mean"]:
+            continue
+        (lo, hi), (s0, s1) = row["fraction"], row["slices"]
+        fraction = "0" if hi == 0 else f"> {lo:g}" if hi is None else f"({lo:g}, {hi:g}]"
+        slices = f"{s0}" if s0 == s1 else f">= {s0}" if s1 is None else f"{s0}-{s1}"
+        cells = [f"{row['mean'][n]:.2f}" if n in row["mean"] else "-" for n in names]
+        for p in pairs:
+            d = row["paired"].get(p)
+            cells.append("-" if d is None else f"{d['mean']:+.2f} [{d['t_ci95'][0]:+.2f}, {d['t_ci95'][1]:+.2f}] "
+                                               f"({d['ahead']}/{d['cases']})")
+        lines.append(f"| {slices} | {fraction} | {max(row['slices_counted'].values())} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def cached(path: Path, compute):
@@ -687,7 +876,15 @@ def main(argv=None) -> dict:
                                           "informed slice kept for every window")},
                   "samplers": {k: scored(test, v, True) for k, v in sets["samplers"].items()},
                   "informed": {k: scored(test, v, True) for k, v in sets["informed"].items()}}
+        calibrated = {name: calibrate_set(held["baseline"], test, syn / f"test_baseline_{kind}_calibrated",
+                                          b["window"], kind) for name, kind in CALIBRATIONS.items()}
+        report["calibrated"] = {name: scored(test, folder, True) for name, folder in calibrated.items()}
         report["paired_differences"] = paired_differences(report)
+        profiled = {"GEM-3D, same case": held["GEM-3D"],
+                    "GEM-3D, another patient": sets["informed"]["another patient, same site"],
+                    "baseline": held["baseline"], **calibrated}
+        report["distance"] = cached(work / "eval" / "distance.json",
+                                    lambda: distance_profile(test, profiled, b["window"]))
         report["informed_check"] = {
             "chained (default)": informed_check(test, sets["informed"]["same case"],
                                                 sets["informed"]["another site"], partners),
