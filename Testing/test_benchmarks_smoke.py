@@ -171,3 +171,29 @@ def test_web_smoke_writes_its_table(tmp_path):
     assert 0 < row["first_window_warm_s"] < row["first_window_cold_s"]
     assert 0 < row["empty_session_mb"] < row["idle_session_mb"] < row["active_session_mb"]
     assert "| local worker |" in (tmp_path / "web_smoke.md").read_text()
+
+
+def test_seed_spread_summarises_the_seeds_results(tmp_path):
+    def result(seed, means):
+        return {"machine": {"cpu": "test CPU", "cores": 2, "torch": "2"}, "budget": {"test": 6},
+                "paired_differences": {name: {"psnr": {"mean": m, "t_ci95": [m - w, m + w],
+                                                       "ci95": [m - w / 2, m + w / 2]}}
+                                       for name, (m, w) in means.items()}}
+
+    seeds = {1: {"a - b": (1.0, 0.5), "c - d": (0.2, 0.5)}, 2: {"a - b": (2.0, 0.5), "c - d": (-0.3, 0.2)},
+             3: {"a - b": (3.0, 3.5), "c - d": (0.4, 0.3), "only seed 3": (1.0, 0.1)}}
+    for seed, means in seeds.items():
+        (tmp_path / f"paper_tables_default_seed{seed}.json").write_text(json.dumps(result(seed, means)))
+    (tmp_path / "paper_tables_sites32_seed4.json").write_text(json.dumps(result(4, seeds[1])))   # another budget
+    done = run("seed_spread.py", "--budget", "default", "--results", str(tmp_path), "--out-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "seed_spread_default.json").read_text())["comparisons"]
+    assert set(rows) == {"a - b", "c - d"}          # only comparisons every seed has
+    assert rows["a - b"]["mean"] == pytest.approx(2.0) and rows["a - b"]["sd"] == pytest.approx(1.0)
+    assert rows["a - b"]["t_excludes_0"] == {"above": 2, "below": 0}          # seed 3: t [-0.5, 6.5] holds 0
+    assert rows["a - b"]["bootstrap_excludes_0"] == {"above": 3, "below": 0}
+    assert rows["c - d"]["t_excludes_0"] == {"above": 1, "below": 1} and rows["c - d"]["same_sign"] == 2
+    table = (tmp_path / "seed_spread_default.md").read_text()
+    assert "| a - b | +1.000 | +2.000 | +3.000 | +2.000 | 1.000 | 3/3 |" in table
+    one = run("seed_spread.py", "--budget", "sites32", "--results", str(tmp_path), "--out-dir", str(tmp_path))
+    assert one.returncode != 0 and "at least two seeds" in one.stderr
