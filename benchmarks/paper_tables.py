@@ -11,8 +11,11 @@ paper's Make-A-Volume-style baseline; same VAE, same steps) with the training co
   slice model), igma (+ augmentation), and the baseline's reconstruction; FID-A/C/S with
   the default extractor, volumetric consistency, mask adherence (phantom rule).
 - Ablations on the held-out cases: overlapped inpainting off (no known-frame replacement),
-  volumetric tuning off (the stage-1 model), samplers DDIM-200 / DPM-Solver++-20 / UniPC-10
-  (quality and seconds per volume).
+  volumetric tuning off (the stage-1 model), samplers DDIM-200 with eta 0 and eta 1 (the
+  paper's), DDIM-20 eta 1, DPM-Solver++-20, UniPC-10 (quality and seconds per volume).
+- Is the informed slice's gain only contrast? The baseline's output calibrated onto the real scan
+  per class (a x + b, fitted on the informed slice's voxels alone; `calibrate_set`), paired
+  against GEM-3D; and PSNR per slice by distance from the informed slice (`distance_profile`).
 - Downstream (Appendix E): a tiny segmenter trained on real, GEM-3D re-samples (1x, 2x,
   3x), real + 3x, and baseline reconstructions; Dice on the held-out real cases.
 - Informed slice (held-out): from the same case, another patient of the same site, a case of
@@ -25,12 +28,18 @@ paper's Make-A-Volume-style baseline; same VAE, same steps) with the training co
   harmonize`'s plan); across-site spread of normalised tissue means before and after, mask
   adherence kept, and anatomy kept (R² of the brain's intensities on the phantom's tissue
   fractions, between a real scan's ceiling and another patient's floor).
-Paired per-case differences: mean, 95 % bootstrap CI, exact two-sided sign test.
+Paired per-case differences: mean, 95 % bootstrap CI and t-interval, exact two-sided sign test,
+Wilcoxon signed-rank test; the number of comparisons is stated with the table.
 
   python benchmarks/paper_tables.py               # default budget, ~25 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget quick --out-dir /tmp/pt   # seconds (CI smoke)
   python benchmarks/paper_tables.py --budget sites32 # multi-site testbed, ~75 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget paper64 --work DIR    # paper's windows, ~2.1 h; re-run after a stop
+  python benchmarks/paper_tables.py --budget paper64 --seed 1      # another training seed -> *_seed1.*
+
+Between-seed spread (every claim re-trained): run --seed 1, 2, 3, then
+`python benchmarks/seed_spread.py --budget B`. The seed changes the training of GEM-3D and the
+baseline only: the phantoms, held-out cases and generation seeds stay the same.
 
 Stages (``--stage``): data, train (GEM-3D), baseline, generate, report, or all. Every stage keeps
 its results in --work and skips what is there (training resumes from its last checkpoint,
