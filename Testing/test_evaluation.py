@@ -381,3 +381,13 @@ def test_intensity_classes_keep_lesion_labels_and_bin_healthy_voxels_by_quantile
     labels = np.array([0] * 8 + [1, 2, 4, 4])
     classes = intensity_classes(x, labels, bins=4)
     assert classes.tolist() == [-1, -1, -2, -2, -3, -3, -4, -4, 1, 2, 4, 4]
+
+
+def test_per_class_fit_maps_a_class_constant_on_the_fitted_voxels_to_their_mean():
+    from gem3d.evaluation.calibration import fit_per_class
+
+    x = np.array([0.0, 0.0, 0.0, 1.0, 2.0, 3.0])          # class 0: constant x (background, say)
+    y = np.array([1.0, 2.0, 3.0, 2.0, 4.0, 6.0])
+    classes = np.array([0, 0, 0, 1, 1, 1])
+    coef = fit_per_class(x, y, classes, np.ones(6, bool))
+    assert coef[0] == (0.0, 2.0) and coef[1] == pytest.approx((2.0, 0.0))

@@ -11,7 +11,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-MIN_VOXELS = 3  # a class with fewer fitting voxels (or a constant x there) gets the fit over all of them
+MIN_VOXELS = 3  # a class with fewer fitting voxels gets the fit over all of them
 
 
 def linear_fit(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
@@ -27,9 +27,9 @@ def linear_fit(x: np.ndarray, y: np.ndarray) -> Tuple[float, float]:
 
 def fit_per_class(x: np.ndarray, y: np.ndarray, classes: np.ndarray,
                   where: np.ndarray) -> Dict[int, Tuple[float, float]]:
-    """(a, b) for every class in ``classes``, fitted on the voxels ``where`` of that class. A class
-    with fewer than MIN_VOXELS there (absent from the informed slice, say) or a constant x gets
-    the fit over all of ``where``."""
+    """(a, b) for every class in ``classes``, fitted on the voxels ``where`` of that class (a
+    constant x there: its mean y). A class with fewer than MIN_VOXELS there (absent from the
+    informed slice, say) gets the fit over all of ``where``."""
     x, y, classes, where = (np.asarray(v) for v in (x, y, classes, where))
     if not (x.shape == y.shape == classes.shape == where.shape):
         raise ValueError(f"x, y, classes and where must have one shape, got {x.shape}, {y.shape}, "
@@ -38,8 +38,7 @@ def fit_per_class(x: np.ndarray, y: np.ndarray, classes: np.ndarray,
     out = {}
     for c in np.unique(classes):
         inside = where & (classes == c)
-        enough = inside.sum() >= MIN_VOXELS and np.ptp(x[inside]) > 0
-        out[int(c)] = linear_fit(x[inside], y[inside]) if enough else overall
+        out[int(c)] = linear_fit(x[inside], y[inside]) if inside.sum() >= MIN_VOXELS else overall
     return out
 
 
