@@ -34,12 +34,14 @@ def test_speed_smoke_writes_its_table(tmp_path):
 
 
 def test_paper_tables_quick_writes_its_tables(tmp_path):
+    from gem3d.evaluation.volumes import source_id
+
     result = run("paper_tables.py", "--quick", "--out-dir", str(tmp_path), "--work", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "paper_tables_quick.json").read_text())
     assert set(report["table1"]) == {"ic", "icma", "ig", "igma", "baseline"}
     assert set(report["table2"]) == {"GEM-3D", "baseline"}
-    assert set(report["samplers"]) == {"ddim-3", "dpm++-2", "unipc-2"}
+    assert set(report["samplers"]) == {"ddim-3", "ddim-3-eta1", "dpm++-2", "unipc-2"}
     assert report["downstream"]["GEM-3D 3x"]["training_volumes"] == 3 * report["budget"]["train"]
     assert 0 < report["table2"]["GEM-3D"]["paired"]["psnr"] < 100
     text = (tmp_path / "paper_tables_quick.md").read_text()
@@ -62,7 +64,40 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
     assert anatomy["real (ceiling)"] > anatomy["another patient's real scan (floor)"] + 0.1, anatomy
     assert report["harmonisation"]["before"]["wm_across_sites"] > 0
     assert "## Informed slice" in text and "## Harmonisation" in text
-    for suffix in ("montage", "table1", "samplers", "downstream"):
+    # the informed slice's gain against a baseline calibrated on the informed slice, and by distance from it
+    assert set(report["calibrated"]) == {"calibrated baseline", "tissue-calibrated baseline (oracle)"}
+    assert f"{len(report['paired_differences'])} comparisons" in text and "Wilcoxon p" in text
+    for name in ("GEM-3D - calibrated baseline", "another patient, same site - calibrated baseline",
+                 "calibrated baseline - baseline"):
+        d = report["paired_differences"][name]["psnr"]
+        assert d["cases"] == report["budget"]["test"] and d["t_ci95"][0] <= d["mean"] <= d["t_ci95"][1]
+        assert 0 < d["wilcoxon_p"] <= 1 and 0 < d["sign_p"] <= 1
+    work = tmp_path / "work" / "synthetic"
+    window, slices = report["budget"]["window"], report["budget"]["slices"]
+    for image in sorted((work / "test_gem3d" / "imagesTr").glob("*_0000.nii.gz")):   # informed_z is the slice used
+        record = json.loads(image.with_name(image.name.replace("_0000.nii.gz", "_0000.provenance.json")).read_text())
+        assert record["informed_slice"]["model_index"] == record["start_slice"] + window // 2
+        calibrated = json.loads((work / "test_baseline_intensity_calibrated" / "imagesTr" / image.name.replace(
+            "_0000.nii.gz", "_0000.provenance.json")).read_text())
+        assert calibrated["calibration"]["fitted_on_scan_index"] == record["informed_slice"]["scan_index"]
+    bins = report["distance"]["bins"]
+    sets = {"GEM-3D, same case", "GEM-3D, another patient", "baseline", "calibrated baseline",
+            "tissue-calibrated baseline (oracle)"}
+    for name in sets:       # every slice of every case in exactly one bin
+        assert sum(row["slices_counted"][name] for row in bins) == slices * report["budget"]["test"]
+    informed = bins[0]      # the informed slice itself, one per case: the calibration was fitted there
+    assert informed["fraction"] == [None, 0.0] and informed["slices_counted"]["baseline"] == report["budget"]["test"]
+    for case, raw in informed["cases"]["baseline"].items():
+        assert informed["cases"]["calibrated baseline"][case] >= raw
+    for name in sets:       # the bins' slice-weighted means give back each set's Table 2 PSNR
+        scored = {**report["table2"], **report["calibrated"], "GEM-3D, same case": report["table2"]["GEM-3D"],
+                  "GEM-3D, another patient": report["informed"]["another patient, same site"]}[name]
+        for case, row in scored["cases"].items():
+            case = source_id(case)
+            psnr = sum(b["cases"][name][case] * b["case_slices"][name][case] for b in bins if case in b["cases"][name])
+            assert psnr / slices == pytest.approx(row["psnr"], abs=1e-6)
+    assert "## Is the informed slice's gain only contrast?" in text and "PSNR by distance" in text
+    for suffix in ("montage", "table1", "samplers", "downstream", "distance"):
         assert (tmp_path / f"paper_tables_quick_{suffix}.png").stat().st_size > 1000
     # resumable by stage: a second run re-uses every stage's results instead of redoing them
     done = tmp_path / "work" / "synthetic" / "test_gem3d.done.json"
@@ -71,6 +106,8 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
                 "--work", str(tmp_path / "work"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert done.stat().st_mtime_ns == stamp and "generated test_gem3d" in again.stderr
+    other_seed = run("paper_tables.py", "--quick", "--seed", "1", "--stage", "data", "--work", str(tmp_path / "work"))
+    assert other_seed.returncode != 0 and "another budget or seed" in other_seed.stderr
 
 
 @pytest.mark.slow
@@ -136,3 +173,29 @@ def test_web_smoke_writes_its_table(tmp_path):
     assert 0 < row["first_window_warm_s"] < row["first_window_cold_s"]
     assert 0 < row["empty_session_mb"] < row["idle_session_mb"] < row["active_session_mb"]
     assert "| local worker |" in (tmp_path / "web_smoke.md").read_text()
+
+
+def test_seed_spread_summarises_the_seeds_results(tmp_path):
+    def result(seed, means):
+        return {"machine": {"cpu": "test CPU", "cores": 2, "torch": "2"}, "budget": {"test": 6},
+                "paired_differences": {name: {"psnr": {"mean": m, "t_ci95": [m - w, m + w],
+                                                       "ci95": [m - w / 2, m + w / 2]}}
+                                       for name, (m, w) in means.items()}}
+
+    seeds = {1: {"a - b": (1.0, 0.5), "c - d": (0.2, 0.5)}, 2: {"a - b": (2.0, 0.5), "c - d": (-0.3, 0.2)},
+             3: {"a - b": (3.0, 3.5), "c - d": (0.4, 0.3), "only seed 3": (1.0, 0.1)}}
+    for seed, means in seeds.items():
+        (tmp_path / f"paper_tables_default_seed{seed}.json").write_text(json.dumps(result(seed, means)))
+    (tmp_path / "paper_tables_sites32_seed4.json").write_text(json.dumps(result(4, seeds[1])))   # another budget
+    done = run("seed_spread.py", "--budget", "default", "--results", str(tmp_path), "--out-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "seed_spread_default.json").read_text())["comparisons"]
+    assert set(rows) == {"a - b", "c - d"}          # only comparisons every seed has
+    assert rows["a - b"]["mean"] == pytest.approx(2.0) and rows["a - b"]["sd"] == pytest.approx(1.0)
+    assert rows["a - b"]["t_excludes_0"] == {"above": 2, "below": 0}          # seed 3: t [-0.5, 6.5] holds 0
+    assert rows["a - b"]["bootstrap_excludes_0"] == {"above": 3, "below": 0}
+    assert rows["c - d"]["t_excludes_0"] == {"above": 1, "below": 1} and rows["c - d"]["same_sign"] == 2
+    table = (tmp_path / "seed_spread_default.md").read_text()
+    assert "| a - b | +1.000 | +2.000 | +3.000 | +2.000 | 1.000 | 3/3 |" in table
+    one = run("seed_spread.py", "--budget", "sites32", "--results", str(tmp_path), "--out-dir", str(tmp_path))
+    assert one.returncode != 0 and "at least two seeds" in one.stderr

@@ -334,3 +334,60 @@ def test_segmenter_specs(tmp_path):
     assert isinstance(trained, SliceSegmenter) and trained.labels == (1, 2, 4)
     with pytest.raises(ValueError, match="unknown segmenter"):
         make_segmenter("otsu", data)
+
+
+# ---------------------------------------------------------------- contrast calibration
+
+def test_per_class_fit_recovers_known_maps_from_one_slice_and_applies_them_everywhere():
+    from gem3d.evaluation.calibration import apply_per_class, fit_per_class
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (6, 8, 8))
+    classes = rng.integers(0, 3, x.shape)
+    classes[:, 0, 0] = 7                         # one voxel on the fitted slice, too few: the overall fit
+    truth = {0: (2.0, 1.0), 1: (-0.5, 3.0), 2: (0.0, 0.25)}
+    y = np.zeros_like(x)
+    for c, (a, b) in truth.items():
+        y[classes == c] = a * x[classes == c] + b
+    where = np.zeros(x.shape, bool)
+    where[2] = True                              # the "informed slice"
+    coef = fit_per_class(x, y, classes, where)
+    for c, (a, b) in truth.items():
+        assert coef[c] == pytest.approx((a, b), abs=1e-9)
+    overall = np.polyfit(x[where], y[where], 1)
+    assert coef[7] == pytest.approx(tuple(overall), abs=1e-9)
+    calibrated = apply_per_class(x, classes, coef)
+    known = classes != 7
+    np.testing.assert_allclose(calibrated[known], y[known], atol=1e-5)   # off the slice too
+
+
+def test_per_class_fit_of_a_constant_input_is_its_mean_and_an_empty_fit_is_refused():
+    from gem3d.evaluation.calibration import fit_per_class, linear_fit
+
+    x, y = np.full(5, 3.0), np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert linear_fit(x, y) == (0.0, 3.0)
+    classes, where = np.zeros(5, int), np.ones(5, bool)
+    assert fit_per_class(x, y, classes, where) == {0: (0.0, 3.0)}
+    with pytest.raises(ValueError, match="no voxels"):
+        fit_per_class(x, y, classes, np.zeros(5, bool))
+    with pytest.raises(ValueError, match="one shape"):
+        fit_per_class(x, y[:4], classes, where)
+
+
+def test_intensity_classes_keep_lesion_labels_and_bin_healthy_voxels_by_quantile():
+    from gem3d.evaluation.calibration import intensity_classes
+
+    x = np.arange(12, dtype=float)
+    labels = np.array([0] * 8 + [1, 2, 4, 4])
+    classes = intensity_classes(x, labels, bins=4)
+    assert classes.tolist() == [-1, -1, -2, -2, -3, -3, -4, -4, 1, 2, 4, 4]
+
+
+def test_per_class_fit_maps_a_class_constant_on_the_fitted_voxels_to_their_mean():
+    from gem3d.evaluation.calibration import fit_per_class
+
+    x = np.array([0.0, 0.0, 0.0, 1.0, 2.0, 3.0])          # class 0: constant x (background, say)
+    y = np.array([1.0, 2.0, 3.0, 2.0, 4.0, 6.0])
+    classes = np.array([0, 0, 0, 1, 1, 1])
+    coef = fit_per_class(x, y, classes, np.ones(6, bool))
+    assert coef[0] == (0.0, 2.0) and coef[1] == pytest.approx((2.0, 0.0))

@@ -11,8 +11,11 @@ paper's Make-A-Volume-style baseline; same VAE, same steps) with the training co
   slice model), igma (+ augmentation), and the baseline's reconstruction; FID-A/C/S with
   the default extractor, volumetric consistency, mask adherence (phantom rule).
 - Ablations on the held-out cases: overlapped inpainting off (no known-frame replacement),
-  volumetric tuning off (the stage-1 model), samplers DDIM-200 / DPM-Solver++-20 / UniPC-10
-  (quality and seconds per volume).
+  volumetric tuning off (the stage-1 model), samplers DDIM-200 with eta 0 and eta 1 (the
+  paper's), DDIM-20 eta 1, DPM-Solver++-20, UniPC-10 (quality and seconds per volume).
+- Is the informed slice's gain only contrast? The baseline's output calibrated onto the real scan
+  per class (a x + b, fitted on the informed slice's voxels alone; `calibrate_set`), paired
+  against GEM-3D; and PSNR per slice by distance from the informed slice (`distance_profile`).
 - Downstream (Appendix E): a tiny segmenter trained on real, GEM-3D re-samples (1x, 2x,
   3x), real + 3x, and baseline reconstructions; Dice on the held-out real cases.
 - Informed slice (held-out): from the same case, another patient of the same site, a case of
@@ -25,12 +28,18 @@ paper's Make-A-Volume-style baseline; same VAE, same steps) with the training co
   harmonize`'s plan); across-site spread of normalised tissue means before and after, mask
   adherence kept, and anatomy kept (R² of the brain's intensities on the phantom's tissue
   fractions, between a real scan's ceiling and another patient's floor).
-Paired per-case differences: mean, 95 % bootstrap CI, exact two-sided sign test.
+Paired per-case differences: mean, 95 % bootstrap CI and t-interval, exact two-sided sign test,
+Wilcoxon signed-rank test; the number of comparisons is stated with the table.
 
   python benchmarks/paper_tables.py               # default budget, ~25 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget quick --out-dir /tmp/pt   # seconds (CI smoke)
   python benchmarks/paper_tables.py --budget sites32 # multi-site testbed, ~75 min on 2 CPU cores
   python benchmarks/paper_tables.py --budget paper64 --work DIR    # paper's windows, ~2.1 h; re-run after a stop
+  python benchmarks/paper_tables.py --budget paper64 --seed 1      # another training seed -> *_seed1.*
+
+Between-seed spread (every claim re-trained): run --seed 1, 2, 3, then
+`python benchmarks/seed_spread.py --budget B`. The seed changes the training of GEM-3D and the
+baseline only: the phantoms, held-out cases and generation seeds stay the same.
 
 Stages (``--stage``): data, train (GEM-3D), baseline, generate, report, or all. Every stage keeps
 its results in --work and skips what is there (training resumes from its last checkpoint,
@@ -64,22 +73,27 @@ sys.path.insert(0, str(ROOT))
 from speed import machine  # noqa: E402  (one definition of "the machine")
 
 LABELS = {1: "necrosis", 2: "edema", 4: "enhancing"}
+# (name, steps) or (name, steps, DDIM eta): DDIM-200 with eta 1 is the paper's sampler
+PAPER_SAMPLERS = (("ddim", 200), ("ddim", 200, 1.0), ("ddim", 20, 1.0), ("dpm++", 20), ("unipc", 10))
+# What the data and models in a work folder depend on (the samplers and evaluation may change)
+MODEL_FIELDS = ("name", "train", "test", "size", "slices", "window", "vae", "stage1", "stage2", "slice", "sites",
+                "seed")
 BUDGETS = {
     "quick": dict(train=4, test=4, size=32, slices=12, window=4, vae=10, stage1=10, stage2=5, slice=5,
-                  sampler=("dpm++", 2), samplers=(("ddim", 3), ("dpm++", 2), ("unipc", 2)),
+                  sampler=("dpm++", 2), samplers=(("ddim", 3), ("ddim", 3, 1.0), ("dpm++", 2), ("unipc", 2)),
                   seg_steps=10, resamples=3, planes=8, sites=2),
     "default": dict(train=12, test=6, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500, slice=3000,
-                    sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
+                    sampler=("dpm++", 20), samplers=PAPER_SAMPLERS,
                     seg_steps=400, resamples=3, planes=16, sites=0),
     # The default scale on the multi-site testbed: does the informed slice matter once patients
     # and sites differ after normalisation? ~75 min on 2 CPU cores (measured: BENCHMARKS.md).
     "sites32": dict(train=24, test=12, size=32, slices=24, window=8, vae=1500, stage1=6000, stage2=1500,
-                    slice=3000, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
+                    slice=3000, sampler=("dpm++", 20), samplers=PAPER_SAMPLERS,
                     seg_steps=400, resamples=3, planes=16, sites=4),
     # The paper's window length: 64x64 slices, windows of 16, 24 training / 12 held-out cases at 4
     # sites. Measured on 2 CPU cores: 2 h 8 min (train 51, baseline 15, generate 50, report 11 min).
     "paper64": dict(train=24, test=12, size=64, slices=48, window=16, vae=1000, stage1=3000, stage2=800,
-                    slice=1500, sampler=("dpm++", 20), samplers=(("ddim", 200), ("dpm++", 20), ("unipc", 10)),
+                    slice=1500, sampler=("dpm++", 20), samplers=PAPER_SAMPLERS,
                     seg_steps=400, resamples=3, planes=16, sites=4),
 }
 STAGES = ("data", "train", "baseline", "generate", "report")
@@ -103,6 +117,7 @@ def make_config(b: dict, informed: bool = True, stage2: bool = True, slice_model
     t.stage2_steps = b["stage2"] if stage2 else 0
     t.slice_steps = b["slice"] if informed and slice_model else 0
     t.checkpoint_every, t.preview_every = 250, 0  # a stopped training resumes mid-model
+    t.seed = b["seed"]
     return cfg
 
 
@@ -148,7 +163,12 @@ def train_baseline(b: dict, data: Path, work: Path, log) -> Dict[str, Path]:
 
 def recipe(b: dict) -> str:
     """The command a bundle's provenance names."""
-    return f"benchmarks/paper_tables.py --budget {b['name']}"
+    return f"benchmarks/paper_tables.py --budget {b['name']}" + (f" --seed {b['seed']}" if b["seed"] else "")
+
+
+def sampler_name(sampler) -> str:
+    """A sampler's name in the tables: ddim-200, ddim-200-eta1."""
+    return "-".join(map(str, sampler[:2])) + (f"-eta{sampler[2]:g}" if len(sampler) > 2 else "")
 
 
 def log_trained(log, results: Dict[str, dict]) -> None:
@@ -158,7 +178,8 @@ def log_trained(log, results: Dict[str, dict]) -> None:
 
 def generate_set(engine, cases, out: Path, informed, sampler, seed: int, augment=None, **switches) -> List[float]:
     """One volume per case into an nnU-Net raw folder (ids <case>_synKK, KK = seed, the
-    re-sample index); `informed(i, case)` gives each InformedSpec. Seconds per volume."""
+    re-sample index); `informed(i, case)` gives each InformedSpec; `sampler`: (name, steps) or
+    (name, steps, DDIM eta). Seconds per volume."""
     from gem3d.request import GenerateRequest
 
     for folder in ("imagesTr", "labelsTr"):
@@ -171,7 +192,8 @@ def generate_set(engine, cases, out: Path, informed, sampler, seed: int, augment
                                   out=str(out / "imagesTr" / f"{out_id}_0000.nii.gz"),
                                   mask_out=str(out / "labelsTr" / f"{out_id}.nii.gz"),
                                   informed=informed(i, case), augment=augment, sampler=sampler[0],
-                                  steps=sampler[1], seed=seed * 1000 + i, overwrite=True)
+                                  steps=sampler[1], eta=sampler[2] if len(sampler) > 2 else None,
+                                  seed=seed * 1000 + i, overwrite=True)
         for event in engine.generate(request, **switches):
             if event["event"] == "error":
                 raise RuntimeError(f"{out_id}: {event['message']}")
@@ -210,15 +232,40 @@ def paired_stats(d: np.ndarray, resamples: int = 2000) -> dict:
 def paired_differences(report: dict) -> Dict[str, Dict[str, dict]]:
     """Every paired comparison of a report (also recomputed from a committed JSON by
     `benchmarks/paired_restats.py`)."""
-    gem, main = report["table2"]["GEM-3D"], "{}-{}".format(*report["budget"]["sampler"])
+    gem, main = report["table2"]["GEM-3D"], sampler_name(report["budget"]["sampler"])
+    calibrated = report.get("calibrated", {})          # older results lack the calibrated baselines
+    other = report.get("informed", {}).get("another patient, same site")
     return {
         "GEM-3D - baseline": case_differences(gem, report["table2"]["baseline"]),
+        **{f"GEM-3D - {k}": case_differences(gem, v) for k, v in calibrated.items()},
+        **({"another patient, same site - calibrated baseline":
+            case_differences(other, calibrated["calibrated baseline"]),
+            "calibrated baseline - baseline": case_differences(calibrated["calibrated baseline"],
+                                                               report["table2"]["baseline"])}
+           if calibrated and other else {}),
         **{f"GEM-3D - {k}": case_differences(gem, report["ablations"][k])
            for k in ("no volumetric tuning", "no overlapped inpainting", "informed slice kept for every window")
            if k in report["ablations"]},                  # older results lack the last ablation
         **{f"sampler {main} - {k}": case_differences(gem, v) for k, v in report["samplers"].items() if k != main},
         **{f"same case - {k}": case_differences(gem, v) for k, v in report.get("informed", {}).items()
            if k != "same case"}}
+
+
+def paired_table(diffs: Dict[str, Dict[str, dict]], metric: str = "psnr") -> List[str]:
+    """Markdown rows of paired comparisons with every test, and how many comparisons the table
+    holds: with k comparisons at 5 %, about 0.05 k false "excludes 0" are expected by chance."""
+    lines = [f"{len(diffs)} comparisons (Bonferroni threshold p < {0.05 / max(len(diffs), 1):.4f}); **bold**: the "
+             "t-interval excludes 0.", "",
+             "| comparison | mean | bootstrap 95 % | t 95 % | ahead | sign p | Wilcoxon p |",
+             "|---|---|---|---|---|---|---|"]
+    for name, d in diffs.items():
+        p = d[metric]
+        mean = f"{p['mean']:+.3f}"
+        excludes = p["t_ci95"][0] > 0 or p["t_ci95"][1] < 0
+        lines.append(f"| {name} | {f'**{mean}**' if excludes else mean} | [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}] | "
+                     f"[{p['t_ci95'][0]:+.3f}, {p['t_ci95'][1]:+.3f}] | {p['ahead']}/{p['cases']} | "
+                     f"{p['sign_p']:.3g} | {p['wilcoxon_p']:.3g} |")
+    return lines
 
 
 def case_differences(a: dict, b: dict) -> Dict[str, dict]:
@@ -319,6 +366,120 @@ def site_spread(contrast: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return out
 
 
+CALIBRATIONS = {"calibrated baseline": "intensity", "tissue-calibrated baseline (oracle)": "tissue"}
+# Distance bins' upper edges as fractions of the window length (the first bin is the informed slice
+# itself; the last holds everything beyond two windows)
+DISTANCE_EDGES = (0.0, 0.25, 0.5, 1.0, 2.0)
+
+
+def informed_z(image: Path, window: int) -> int:
+    """The axial (model-grid) slice a generated case's informed slice sits at: its first window's
+    centre (`pipeline._start_and_informed`), from the output's provenance."""
+    from gem3d.io import provenance_path
+
+    return int(json.loads(provenance_path(image).read_text())["start_slice"]) + window // 2
+
+
+def calibration_classes(kind: str, x: np.ndarray, labels: np.ndarray, truth: dict) -> np.ndarray:
+    """"intensity": lesion labels and bins of the baseline's own healthy intensities (nothing the
+    mask-only model lacks); "tissue": lesion labels and the phantom's dominant tissue (the true
+    anatomy: an oracle the baseline never has, so it bounds what labels alone give)."""
+    from gem3d.evaluation.calibration import intensity_classes
+
+    if kind == "intensity":
+        return intensity_classes(x, labels)
+    tissue = phantom_tissue(truth, x.shape)
+    names = sorted(tissue)
+    dominant = np.argmax(np.stack([tissue[n] for n in names]), 0)
+    return np.where(labels > 0, -labels.astype(np.int64), dominant)
+
+
+def calibrate_set(baseline: Path, test: Path, out: Path, window: int, kind: str) -> Path:
+    """The baseline's volumes mapped per class (`gem3d.evaluation.calibration`) onto the real scan,
+    fitted on the informed slice's voxels alone; provenance kept, with the maps added."""
+    from gem3d.evaluation.calibration import apply_per_class, fit_per_class
+    from gem3d.evaluation.volumes import source_id
+    from gem3d.grid import ModelGrid
+    from gem3d.io import provenance_path, read_volume, write_volume
+    from gem3d.volume import Volume
+
+    if (out / "dataset.json").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(baseline / "labelsTr", out / "labelsTr")
+    (out / "imagesTr").mkdir()
+    for image in sorted((baseline / "imagesTr").glob("*_0000.nii.gz")):
+        case = source_id(image.name[:-len("_0000.nii.gz")])
+        x, real = read_volume(image), read_volume(test / "imagesTr" / f"{case}_0000.nii.gz")
+        labels = read_volume(test / "labelsTr" / f"{case}.nii.gz").array
+        truth = json.loads((test / "groundtruth" / f"{case}.json").read_text())
+        grid = ModelGrid.fit(real.geometry, real.shape, 1)
+        where = np.zeros(real.shape, bool)
+        index = [slice(None)] * 3
+        index[grid.axis] = grid.axial.reference_index(informed_z(image, window))
+        where[tuple(index)] = True
+        classes = calibration_classes(kind, x.array, labels, truth)
+        coefficients = fit_per_class(x.array, real.array, classes, where)
+        write_volume(Volume(apply_per_class(x.array, classes, coefficients), x.geometry), out / "imagesTr" / image.name)
+        record = json.loads(provenance_path(image).read_text())
+        record["calibration"] = {"classes": kind, "fitted_on_scan_index": int(index[grid.axis]),
+                                 "maps": {str(c): ab for c, ab in coefficients.items()}}
+        provenance_path(out / "imagesTr" / image.name).write_text(json.dumps(record, indent=1, default=str))
+    shutil.copy(baseline / "dataset.json", out / "dataset.json")
+    return out
+
+
+def slice_psnr(test: Path, folder: Path, window: int) -> Dict[str, tuple]:
+    """{case: (informed slice z, PSNR of each axial slice pair)}: Table 2's protocol before its mean
+    over slices (`gem3d.evaluation.metrics.slice_metrics`, the real scan's intensity range)."""
+    from gem3d.datasets import open_dataset
+    from gem3d.evaluation.metrics import slice_metrics
+    from gem3d.evaluation.volumes import pair_cases, read_case, to_unit, unit_range
+
+    out = {}
+    for case, partner in pair_cases(open_dataset(test).cases, open_dataset(folder).cases):
+        truth, image = read_case(partner)[0], read_case(case)[0]
+        value_range = unit_range(truth)
+        out[partner.case_id] = (informed_z(Path(case.image), window),
+                                slice_metrics(to_unit(truth, value_range), to_unit(image, value_range))["psnr"])
+    return out
+
+
+DISTANCE_PAIRS = (("GEM-3D, same case", "baseline"), ("GEM-3D, same case", "calibrated baseline"),
+                  ("GEM-3D, same case", "GEM-3D, another patient"))
+
+
+def distance_profile(test: Path, sets: Dict[str, Path], window: int) -> dict:
+    """PSNR against the real scan by distance from the informed slice, |z - z_informed| binned in
+    fractions of the window length: per bin, each set's mean over cases of the case's bin mean
+    (every case weighs the same), the slices each set and case have there, and paired per-case
+    differences."""
+    bins = []
+    for k, high in enumerate(DISTANCE_EDGES + (None,)):
+        low = DISTANCE_EDGES[k - 1] if k else None
+        bins.append({"fraction": [low, high],
+                     "slices": [0 if low is None else int(np.floor(low * window)) + 1,
+                                None if high is None else int(np.floor(high * window))],
+                     "slices_counted": {}, "cases": {}, "case_slices": {}})
+    for name, folder in sets.items():
+        for case, (z, values) in slice_psnr(test, folder, window).items():
+            which = np.searchsorted(DISTANCE_EDGES, np.abs(np.arange(len(values)) - z) / window, side="left")
+            for k, row in enumerate(bins):
+                inside = which == k
+                row["slices_counted"][name] = row["slices_counted"].get(name, 0) + int(inside.sum())
+                if inside.any():
+                    row["cases"].setdefault(name, {})[case] = float(values[inside].mean())
+                    row["case_slices"].setdefault(name, {})[case] = int(inside.sum())
+    for row in bins:
+        row["mean"] = {name: float(np.mean(list(v.values()))) for name, v in row["cases"].items()}
+        row["paired"] = {}
+        for a, b in DISTANCE_PAIRS:
+            shared = sorted(set(row["cases"].get(a, {})) & set(row["cases"].get(b, {})))
+            if len(shared) > 1:
+                row["paired"][f"{a} - {b}"] = paired_stats([row["cases"][a][c] - row["cases"][b][c] for c in shared])
+    return {"window": window, "bins": bins}
+
+
 def downstream(b: dict, test: Path, sets: Dict[str, List[Path]]) -> Dict[str, dict]:
     """Dice on held-out real cases of one tiny segmenter per training set (same steps, seed)."""
     from gem3d.datasets import open_dataset
@@ -399,6 +560,18 @@ def plots(report: dict, prefix: Path) -> List[str]:
     ax.set_title("Samplers on held-out cases")
     save(fig, "_samplers.png")
 
+    bins = [r for r in report["distance"]["bins"] if r["mean"]]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for name in bins[0]["mean"]:
+        ax.plot(range(len(bins)), [r["mean"].get(name, np.nan) for r in bins], marker="o", label=name)
+    ax.set_xticks(range(len(bins)), ["0" if r["fraction"][1] == 0 else f"> {r['fraction'][0]:g}"
+                                     if r["fraction"][1] is None else f"\u2264 {r['fraction'][1]:g}" for r in bins])
+    ax.set_xlabel("|z - z_informed| / window length")
+    ax.set_ylabel("PSNR per slice (dB)")
+    ax.set_title("Held-out cases: PSNR by distance from the informed slice")
+    ax.legend(fontsize=7)
+    save(fig, "_distance.png")
+
     d = report["downstream"]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar(list(d), [d[n]["all"] for n in d])
@@ -436,14 +609,26 @@ def markdown(report: dict) -> str:
                 f"{fmt(r['consistency']['seam_w1'])} | {fmt(r['dice']['all'])} | {fmt(r['seconds_per_volume'])} |")
 
     lines += [row(n, r) for n, r in report["table2"].items()]
-    lines += ["", "Per held-out case, paired: mean difference [95 % bootstrap CI] (cases where the first is "
-              "ahead; exact sign-test p):", "",
-              "| comparison | PSNR dB | SSIM | MS-SSIM |", "|---|---|---|---|"]
+    lines += ["", "Per held-out case, paired PSNR dB differences: mean, 95 % percentile bootstrap CI, 95 % "
+              "t-interval, cases where the first is ahead, exact sign-test p, Wilcoxon signed-rank p. "
+              + paired_table(report["paired_differences"])[0], ""] + paired_table(report["paired_differences"])[2:]
+    lines += ["", "SSIM and MS-SSIM, the same comparisons: mean [95 % t-interval] (cases ahead):", "",
+              "| comparison | SSIM | MS-SSIM |", "|---|---|---|"]
     for n, diff in report["paired_differences"].items():
         lines.append(f"| {n} | " + " | ".join(
-            f"{d['mean']:+.3g} [{d['ci95'][0]:+.2g}, {d['ci95'][1]:+.2g}] "
-            f"({d['ahead']}/{d['cases']}; p {d['sign_p']:.2g})"
-            for d in (diff["psnr"], diff["ssim"], diff["ms_ssim"])) + " |")
+            f"{d['mean']:+.3g} [{d['t_ci95'][0]:+.2g}, {d['t_ci95'][1]:+.2g}] ({d['ahead']}/{d['cases']})"
+            for d in (diff["ssim"], diff["ms_ssim"])) + " |")
+    if report.get("calibrated"):
+        lines += ["", "## Is the informed slice's gain only contrast? (held-out cases)", "",
+                  "The baseline's output mapped onto the real scan per class (a x + b), fitted on the informed "
+                  "slice's voxels alone. Calibrated baseline: classes = lesion labels and quartiles of the "
+                  "baseline's own healthy intensities (a contrast change, no anatomy). Tissue-calibrated (oracle): "
+                  "classes = lesion labels and the phantom's true dominant tissue, anatomy neither model has.", "",
+                  "| method | PSNR dB | SSIM | MS-SSIM | FID-A | FID-C | FID-S | seam W1 | Dice WT | s/volume |",
+                  "|---|---|---|---|---|---|---|---|---|---|", row("baseline", report["table2"]["baseline"])]
+        lines += [row(n, r) for n, r in report["calibrated"].items()] + [row("GEM-3D", report["table2"]["GEM-3D"])]
+    if report.get("distance"):
+        lines += ["", distance_markdown(report["distance"])]
     lines += ["", "## Table 1 analogue: training masks re-sampled (FID vs the training volumes)", "",
               "| setting | FID-A | FID-C | FID-S | ISD W1 | seam W1 | seam max | Dice WT | s/volume |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -497,6 +682,32 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def distance_markdown(profile: dict) -> str:
+    """The PSNR-by-distance table: set means per bin, then paired differences [95 % t-interval]."""
+    bins = profile["bins"]
+    names = list(bins[0]["mean"])
+    pairs = [p for p in bins[0]["paired"]]
+    lines = [f"### PSNR by distance from the informed slice (window {profile['window']} slices)", "",
+             "Per axial slice against the real scan, |z - z_informed| binned; each set's mean over cases of "
+             "the case's bin mean; paired differences: mean [95 % t-interval] (cases ahead), descriptive "
+             f"({len(pairs)} per bin).", "",
+             "| slices | fraction of window | slices counted | " + " | ".join(names + pairs) + " |",
+             "|---" * (3 + len(names) + len(pairs)) + "|"]
+    for row in bins:
+        if not row["mean"]:
+            continue
+        (lo, hi), (s0, s1) = row["fraction"], row["slices"]
+        fraction = "0" if hi == 0 else f"> {lo:g}" if hi is None else f"({lo:g}, {hi:g}]"
+        slices = f"{s0}" if s0 == s1 else f">= {s0}" if s1 is None else f"{s0}-{s1}"
+        cells = [f"{row['mean'][n]:.2f}" if n in row["mean"] else "-" for n in names]
+        for p in pairs:
+            d = row["paired"].get(p)
+            cells.append("-" if d is None else f"{d['mean']:+.2f} [{d['t_ci95'][0]:+.2f}, {d['t_ci95'][1]:+.2f}] "
+                                               f"({d['ahead']}/{d['cases']})")
+        lines.append(f"| {slices} | {fraction} | {max(row['slices_counted'].values())} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def cached(path: Path, compute):
     """JSON result of `compute()`, kept at `path` so a later run (or stage) re-uses it."""
     if path.exists():
@@ -517,15 +728,19 @@ def main(argv=None) -> dict:
                         help="Run up to and including this stage (earlier stages are re-used from --work).")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "results")
     parser.add_argument("--work", type=Path, default=None, help="Work folder (default: a folder in the temp dir).")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Training seed of GEM-3D and the baseline (default 0); the phantoms and held-out "
+                             "cases stay the same. With a seed, files and the default work folder end in _seed<S>.")
     args = parser.parse_args(argv)
     name = "quick" if args.quick else args.budget
-    b = dict(BUDGETS[name], name=name)
+    b = dict(BUDGETS[name], name=name, seed=args.seed or 0)
+    tag = name if args.seed is None else f"{name}_seed{args.seed}"
     last = STAGES.index(args.stage) if args.stage != "all" else len(STAGES) - 1
-    work = args.work or Path(tempfile.gettempdir()) / f"gem3d_paper_tables_{name}"
+    work = args.work or Path(tempfile.gettempdir()) / f"gem3d_paper_tables_{tag}"
     work.mkdir(parents=True, exist_ok=True)
-    stamp = work / "budget.json"  # data and models in `work` are re-used only for the same budget
-    if stamp.exists() and json.loads(stamp.read_text()) != json.loads(json.dumps(b)):
-        raise SystemExit(f"{work} holds data/models of another budget; delete it or give another --work")
+    stamp = work / "budget.json"  # data and models in `work` are re-used only for the same budget and seed
+    if stamp.exists() and any({"seed": 0, **json.loads(stamp.read_text())}.get(k) != b[k] for k in MODEL_FIELDS):
+        raise SystemExit(f"{work} holds data/models of another budget or seed; delete it or give another --work")
     stamp.write_text(json.dumps(b, indent=1))
     phases_file = work / "phases.json"
     phases = json.loads(phases_file.read_text()) if phases_file.exists() else {}
@@ -624,8 +839,8 @@ def main(argv=None) -> dict:
                          "no volumetric tuning": gen("test_no_vt", "gem3d_stage1", test_cases, same),
                          "informed slice kept for every window": gen("test_kept", "gem3d", test_cases, same,
                                                                      switches=kept_informed)},
-                "samplers": {f"{s}-{k}": gen(f"test_{s}{k}", "gem3d", test_cases, same, sampler=(s, k))
-                             for s, k in b["samplers"]},
+                "samplers": {sampler_name(s): gen("test_" + sampler_name(s).replace("-", ""), "gem3d", test_cases,
+                                                  same, sampler=s) for s in b["samplers"]},
                 "informed": {"same case": syn / "test_gem3d",
                              "another patient, same site": gen("test_other_patient", "gem3d", test_cases,
                                                                held_out(True)),
@@ -670,7 +885,15 @@ def main(argv=None) -> dict:
                                           "informed slice kept for every window")},
                   "samplers": {k: scored(test, v, True) for k, v in sets["samplers"].items()},
                   "informed": {k: scored(test, v, True) for k, v in sets["informed"].items()}}
+        calibrated = {name: calibrate_set(held["baseline"], test, syn / f"test_baseline_{kind}_calibrated",
+                                          b["window"], kind) for name, kind in CALIBRATIONS.items()}
+        report["calibrated"] = {name: scored(test, folder, True) for name, folder in calibrated.items()}
         report["paired_differences"] = paired_differences(report)
+        profiled = {"GEM-3D, same case": held["GEM-3D"],
+                    "GEM-3D, another patient": sets["informed"]["another patient, same site"],
+                    "baseline": held["baseline"], **calibrated}
+        report["distance"] = cached(work / "eval" / "distance.json",
+                                    lambda: distance_profile(test, profiled, b["window"]))
         report["informed_check"] = {
             "chained (default)": informed_check(test, sets["informed"]["same case"],
                                                 sets["informed"]["another site"], partners),
@@ -696,7 +919,7 @@ def main(argv=None) -> dict:
         report["downstream"] = cached(work / "eval" / "downstream.json",
                                       lambda: downstream(b, test, downstream_sets))
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        prefix = args.out_dir / f"paper_tables_{name}"
+        prefix = args.out_dir / f"paper_tables_{tag}"
         write_montage(test, {"GEM-3D": held["GEM-3D"], "baseline": held["baseline"],
                              "other site": sets["informed"]["another site"], "harmonised": sets["harmonised"]},
                       Path(str(prefix) + "_montage.png"))
