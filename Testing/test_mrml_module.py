@@ -43,7 +43,9 @@ def cropped(headless, phantom_case, tmp_path, stop_i=None, stop_k=None, name="cr
 
 
 class RecordingEngine:
-    """The engine interface (submit, poll, log_lines, cancel, close) answering each job with `answer`."""
+    """The engine interface (submit, poll, log_lines, cancel, close, running) answering each job with `answer`."""
+
+    running = True
 
     def __init__(self, answer="error"):
         self.answer, self.events, self.submitted, self.closed = answer, [], [], False

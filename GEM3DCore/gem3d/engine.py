@@ -127,6 +127,10 @@ class InProcessClient:
     def cancel(self, job_id: str) -> None:
         self._cancelled.add(job_id)
 
+    @property
+    def running(self) -> bool:
+        return True                                       # the engine lives as long as this process
+
     def log_lines(self) -> List[str]:
         return []  # the engine logs through `logging` itself
 

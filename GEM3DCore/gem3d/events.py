@@ -104,6 +104,12 @@ class EngineClient(Protocol):
     def close(self) -> None:
         """Stop every job and release the engine (process, connection)."""
 
+    @property
+    def running(self) -> bool:
+        """False once the engine is gone for good (a worker process that exited): a caller that
+        keeps a client between jobs makes a new one. A server that cannot be reached is not
+        gone: its jobs end with `error` events, and the next job tries again."""
+
 
 class StreamError(ValueError):
     """The event stream ended in the middle of an event or is not this format."""

@@ -83,6 +83,10 @@ class RemoteClient:
 
     # ---------------------------------------------------------------- the engine client
     @property
+    def running(self) -> bool:
+        return True                                       # every job opens its own connection
+
+    @property
     def active_jobs(self) -> List[str]:
         with self._lock:
             return list(self._jobs)

@@ -122,7 +122,7 @@ class EditorLogic:
         """The engine these settings ask for, kept between jobs (its models stay loaded); a worker
         that has exited is started again."""
         if (self.client is None or self._client_key != settings.engine_key
-                or getattr(self.client, "running", True) is False):
+                or not self.client.running):
             if self.client is not None:
                 self.client.close()
             self.client = self.client_factory(settings)
