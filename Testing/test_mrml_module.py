@@ -167,6 +167,30 @@ def test_failed_and_cancelled_jobs_leave_no_empty_output_node(headless, phantom_
         assert headless.scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeDisplayNode") == volumes
 
 
+def test_an_engine_that_is_gone_is_replaced_and_a_live_one_kept(headless, phantom_case, phantom_reference, tmp_path):
+    """The logic keeps its engine between jobs (models stay loaded) and asks the interface's
+    `running` whether it is still there: a worker that exited is closed and a new one made."""
+    reference = phantom_reference()
+    segmentation = segmentation_from_labels(headless.scene, reference, np.asarray(phantom_case[1].array),
+                                            {1: "necrosis", 2: "edema", 4: "enhancing"})
+    mapping = {s.segment_id: s.label_value for s in EditorLogic.segment_infos(segmentation)}
+    made = []
+    logic = EditorLogic(headless.scene, headless.volumes_logic, str(tmp_path),
+                        client_factory=lambda settings: made.append(RecordingEngine()) or made[-1])
+
+    def generate():
+        logic.start_generation(GenerateSettings(DEMO_BUNDLE), reference, segmentation, mapping)
+        logic.process_events()
+        assert logic.job.done
+
+    generate()
+    generate()
+    assert len(made) == 1 and not made[0].closed
+    made[0].running = False                        # the worker process exited between jobs
+    generate()
+    assert len(made) == 2 and made[0].closed and not made[1].closed and len(made[1].submitted) == 1
+
+
 def test_segments_are_never_mapped_by_label_value_or_the_number_in_their_name(headless, phantom_case,
                                                                               phantom_reference, tmp_path):
     reference = phantom_reference()
