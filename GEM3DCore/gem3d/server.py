@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 import gem3d
 from gem3d import typed
+from gem3d.access import token_matches
 from gem3d.events import MEDIA_TYPE, encode_event
 from gem3d.io import WRITE_EXTENSIONS, OutsideRootError, check_self_contained, confined_input, extension, read_volume
 from gem3d.jobs import Job, JobStore, LimitError, Upload, as_client_sees
@@ -63,10 +63,6 @@ class Settings:
     max_queued: int
     keep_s: float
     cors_origins: List[str]
-
-
-def token_matches(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 def confined(path: str, root: Optional[Path]) -> Path:

@@ -5,17 +5,14 @@ The same rules as `gem3d serve`; the check is an aiohttp middleware on trame's (
 """
 from __future__ import annotations
 
-import hmac
-import os
 from pathlib import Path
 from typing import Optional
 
-from gem3d.commands.serve import is_loopback  # the same rule as gem3d serve
+from gem3d.access import is_loopback, read_token as read_token_file, token_matches  # gem3d serve's rules
 from gem3d.io import OutsideRootError, confined_input
 
 COOKIE = "gem3d_web_token"
 REFUSED = "This GEM-3D editor needs its access token: open the address gem3d-web printed (it ends in ?token=...)."
-MIN_TOKEN_LENGTH = 16
 
 
 class AccessError(ValueError):
@@ -23,19 +20,17 @@ class AccessError(ValueError):
 
 
 def read_token(path: Optional[str], host: str, option: str = "--token-file") -> Optional[str]:
-    """The token from --token-file; refused start-up for another host without one."""
+    """The token from --token-file (`gem3d.access.read_token`); refused start-up for another host
+    without one."""
     if not path:
         if not is_loopback(host):
             raise AccessError(f"--host {host} opens the editor to other machines: give --token-file with a token "
                               "of at least 16 characters.")
         return None
-    if not os.path.isfile(path):
-        raise AccessError(f"{option} {path} does not exist.")
-    with open(path, encoding="utf-8") as f:
-        token = f.read().strip()
-    if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
-        raise AccessError(f"{option} {path}: the token must be one word of at least {MIN_TOKEN_LENGTH} characters.")
-    return token
+    try:
+        return read_token_file(path, option)
+    except ValueError as err:
+        raise AccessError(f"{err}.") from None
 
 
 def middleware(token: str):
@@ -43,7 +38,7 @@ def middleware(token: str):
     from aiohttp import web
 
     def matches(value: Optional[str]) -> bool:
-        return bool(value) and hmac.compare_digest(value.encode(), token.encode())
+        return token_matches(value or "", token)
 
     @web.middleware
     async def check(request, handler):

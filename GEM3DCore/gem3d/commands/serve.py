@@ -2,30 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 from pathlib import Path
 
 import click
 
+from gem3d.access import is_loopback, read_token
 from gem3d.cli import threads_option
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_token(path: Path) -> str:
-    token = path.read_text().strip()
-    if len(token) < 16:
-        raise click.ClickException(f"the token in {path} is shorter than 16 characters; "
-                                   "make one with: python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
-    return token
 
 
 def bundle_names(paths) -> dict:
@@ -75,7 +58,10 @@ def bundle_names(paths) -> dict:
 def serve(bundles, host, port, token_file, devices, data_root, work_dir, max_upload_mb, max_jobs_per_client,
           max_queued, keep_s, cors_origins):
     """Serve generation jobs over HTTP (docs/worker-protocol.md, "HTTP")."""
-    token = read_token(Path(token_file)) if token_file else None
+    try:
+        token = read_token(token_file) if token_file else None
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     if token is None and not is_loopback(host):
         raise click.ClickException(f"refusing to serve on {host} without a token: anyone who can reach it "
                                    "could run jobs; pass --token-file (and put TLS in front)")
