@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     if distance:
         lines += ["", "PSNR by distance from the informed slice (`paper_tables.distance_profile`): each seed's "
                   "paired mean difference per bin, between-seed mean and SD.", "",
-                  "| |z - z_informed| / window | slices | comparison | " + " | ".join(f"seed {s}" for s in seeds)
+                  "| distance / window | slices | comparison | " + " | ".join(f"seed {s}" for s in seeds)
                   + " | mean | SD |", "|---" * (5 + n) + "|"]
         for r in distance:
             (lo, hi), (s0, s1) = r["fraction"], r["slices"]
