@@ -180,7 +180,9 @@ def test_seed_spread_summarises_the_seeds_results(tmp_path):
         return {"machine": {"cpu": "test CPU", "cores": 2, "torch": "2"}, "budget": {"test": 6},
                 "paired_differences": {name: {"psnr": {"mean": m, "t_ci95": [m - w, m + w],
                                                        "ci95": [m - w / 2, m + w / 2]}}
-                                       for name, (m, w) in means.items()}}
+                                       for name, (m, w) in means.items()},
+                "distance": {"bins": [{"fraction": [None, 0.0], "slices": [0, 0],
+                                       "paired": {"x - y": {"mean": float(seed)}}}]}}
 
     seeds = {1: {"a - b": (1.0, 0.5), "c - d": (0.2, 0.5)}, 2: {"a - b": (2.0, 0.5), "c - d": (-0.3, 0.2)},
              3: {"a - b": (3.0, 3.5), "c - d": (0.4, 0.3), "only seed 3": (1.0, 0.1)}}
@@ -197,5 +199,6 @@ def test_seed_spread_summarises_the_seeds_results(tmp_path):
     assert rows["c - d"]["t_excludes_0"] == {"above": 1, "below": 1} and rows["c - d"]["same_sign"] == 2
     table = (tmp_path / "seed_spread_default.md").read_text()
     assert "| a - b | +1.000 | +2.000 | +3.000 | +2.000 | 1.000 | 3/3 |" in table
+    assert "| 0 | 0 | x - y | +1.00 | +2.00 | +3.00 | +2.00 | 1.00 |" in table      # by distance, per bin
     one = run("seed_spread.py", "--budget", "sites32", "--results", str(tmp_path), "--out-dir", str(tmp_path))
     assert one.returncode != 0 and "at least two seeds" in one.stderr

@@ -3,7 +3,8 @@
 Reads paper_tables_<budget>_seed<S>.json (`python benchmarks/paper_tables.py --budget B --seed S`:
 GEM-3D and the baseline trained with seed S on the same phantoms and held-out cases) and prints,
 per paired comparison (held-out PSNR dB), each seed's mean difference, the between-seed mean and
-SD, and in how many seeds the 95 % t-interval (and the bootstrap CI) excludes 0, by direction.
+SD, and in how many seeds the 95 % t-interval (and the bootstrap CI) excludes 0, by direction;
+then the same per distance bin from the informed slice.
 No model is run, so it takes seconds.
 
   python benchmarks/seed_spread.py --budget default            # every seed's results found
@@ -49,6 +50,22 @@ def spread(reports: Dict[int, dict], metric: str = "psnr") -> Dict[str, dict]:
     return out
 
 
+def distance_spread(reports: Dict[int, dict]) -> List[dict]:
+    """Per distance bin from the informed slice (`paper_tables.distance_profile`) and paired
+    comparison: the seeds' mean differences, their mean and SD."""
+    profiles = [r.get("distance") for r in reports.values()]
+    if not all(profiles):
+        return []
+    out = []
+    for k, row in enumerate(profiles[0]["bins"]):
+        for name in row["paired"]:
+            means = [p["bins"][k]["paired"][name]["mean"] for p in profiles if name in p["bins"][k]["paired"]]
+            if len(means) == len(profiles):
+                out.append({"fraction": row["fraction"], "slices": row["slices"], "comparison": name,
+                            "seeds": means, "mean": float(np.mean(means)), "sd": float(np.std(means, ddof=1))})
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", default="default")
@@ -86,11 +103,24 @@ def main(argv=None) -> dict:
                      + f" | {r['mean']:+.3f} | {sd} | {r['same_sign']}/{n} | "
                        f"{r['t_excludes_0']['above']}/{r['t_excludes_0']['below']} of {n} | "
                        f"{r['bootstrap_excludes_0']['above']}/{r['bootstrap_excludes_0']['below']} of {n} |")
+    distance = distance_spread(reports)
+    if distance:
+        lines += ["", "PSNR by distance from the informed slice (`paper_tables.distance_profile`): each seed's "
+                  "paired mean difference per bin, between-seed mean and SD.", "",
+                  "| distance / window | slices | comparison | " + " | ".join(f"seed {s}" for s in seeds)
+                  + " | mean | SD |", "|---" * (5 + n) + "|"]
+        for r in distance:
+            (lo, hi), (s0, s1) = r["fraction"], r["slices"]
+            fraction = "0" if hi == 0 else f"> {lo:g}" if hi is None else f"({lo:g}, {hi:g}]"
+            slices = f"{s0}" if s0 == s1 else f">= {s0}" if s1 is None else f"{s0}-{s1}"
+            lines.append(f"| {fraction} | {slices} | {r['comparison']} | "
+                         + " | ".join(f"{v:+.2f}" for v in r["seeds"]) + f" | {r['mean']:+.2f} | {r['sd']:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"seed_spread_{args.budget}.md").write_text(text)
-    result = {"budget": args.budget, "seeds": seeds, "files": [found[s].name for s in seeds], "comparisons": rows}
+    result = {"budget": args.budget, "seeds": seeds, "files": [found[s].name for s in seeds], "comparisons": rows,
+              "distance": distance}
     (args.out_dir / f"seed_spread_{args.budget}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
