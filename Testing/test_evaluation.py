@@ -13,8 +13,8 @@ from scipy import ndimage
 from gem3d import phantom
 from gem3d.cli import main
 from gem3d.evaluation.adherence import PhantomBrainRule, dice, dice_scores
-from gem3d.evaluation.consistency import (ConsistencyStats, interslice_differences, seam_profile, stripe_index,
-                                         stripe_ratio)
+from gem3d.evaluation.consistency import (ConsistencyStats, coherent_view, interslice_differences, seam_profile,
+                                         stripe_index, stripe_ratio)
 from gem3d.evaluation.extractors import (RadImageNetResNet50, RandomConvExtractor, load_radimagenet,
                                          make_extractor)
 from gem3d.evaluation.frechet import FrechetPlanes, frechet_distance, planes
@@ -207,6 +207,21 @@ def test_stripe_index_of_isotropic_noise_is_one_and_slice_offsets_raise_it():
     stats.add("real", noise.astype(np.float32))
     stats.add("synthetic", striped.astype(np.float32))
     assert stats.distances()["stripe_ratio"] == pytest.approx(3.0, rel=0.05)
+
+
+def test_the_coherent_stripe_ratio_sees_bands_across_rows_that_pixel_noise_hides():
+    """Slice offsets of +-0.01 on noisy texture barely move the pixel-level ratio (1 + 0.02^2 /
+    (2 * 0.05^2) = 1.08) but dominate once in-plane noise is smoothed away."""
+    rng = np.random.default_rng(7)
+    noise = 0.5 + 0.05 * rng.standard_normal((16, 64, 64))
+    banded = noise + np.where(np.arange(16)[:, None, None] % 2 == 0, 0.01, -0.01)
+    stats = ConsistencyStats()
+    stats.add("real", noise.astype(np.float32))
+    stats.add("synthetic", banded.astype(np.float32))
+    ratios = stats.distances()
+    assert ratios["stripe_ratio"] == pytest.approx(1.08, abs=0.03)
+    assert ratios["stripe_ratio_coherent"] > 3
+    assert stripe_index(coherent_view(banded)) > 3 * stripe_index(coherent_view(noise))
 
 
 def test_stripe_index_rejects_a_volume_without_foreground():

@@ -40,14 +40,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from speed import machine  # noqa: E402
 
 OFF = {"through_plane": 0.0}
-COHERENT = 2.0   # px: in-plane smoothing before the coherent stripe index
 SETTINGS = {   # label: (request options, pipeline switches)
     "before the fix: DPM++ 20, known frames fixed noise": ({}, OFF),
     "DPM++ 20, known frames fresh noise": ({}, {**OFF, "known_noise": "fresh"}),
@@ -107,7 +105,7 @@ def main(argv=None) -> dict:
     from gem3d.bundle_format import DEMO_BUNDLE
     from gem3d.datasets import open_dataset
     from gem3d.engine import Engine
-    from gem3d.evaluation.consistency import stripe_profile
+    from gem3d.evaluation.consistency import COHERENT_SIGMA, coherent_view, stripe_profile
     from gem3d.evaluation.metrics import paired_metrics
     from gem3d.montage import montage
     from gem3d.evaluation.volumes import axial_view, to_unit, unit_range
@@ -131,13 +129,14 @@ def main(argv=None) -> dict:
     real = {c.case_id: read_volume(c.image) for c in cases}
     scale = {k: unit_range(axial_view(v)) for k, v in real.items()}
 
-    def profile(case_id, array, sigma=0.0):
-        unit = to_unit(axial_view(Volume(array, real[case_id].geometry)), scale[case_id])
-        return stripe_profile(ndimage.gaussian_filter(unit, (0, sigma, sigma)) if sigma else unit)
+    def unit(case_id, array):
+        return to_unit(axial_view(Volume(array, real[case_id].geometry)), scale[case_id])
+
+    def profile(case_id, array):
+        return stripe_profile(unit(case_id, array))
 
     def coherent(case_id, array):
-        """The index of bands that span a row: in-plane detail finer than COHERENT px smoothed away."""
-        return profile(case_id, array, COHERENT)
+        return stripe_profile(coherent_view(unit(case_id, array)))
 
     def index(profiles):
         return sum(z.sum() for z, _ in profiles) / sum(p.sum() for _, p in profiles)
@@ -200,7 +199,7 @@ def main(argv=None) -> dict:
              f"Through-plane filter (`gem3d.through_plane`): [a, 1 - 2a, a] along z after decoding, the bundle's "
              f"a = {a:.4f} (calibrated on its VAE's round trips of its training volumes); rows without it ran "
              "with a = 0. PSNR dB / MS-SSIM: paired against the real scan, mean over cases.", "",
-             f"Coherent: the same ratio after smoothing every axial slice in-plane (Gaussian, sigma {COHERENT} px), "
+             f"Coherent: the same ratio after smoothing every axial slice in-plane (Gaussian, sigma {COHERENT_SIGMA} px; `gem3d.evaluation.consistency.coherent_view`), "
              "so only bands that span a row of a coronal/sagittal view count, not pixel noise.", "",
              "| setting | stripe ratio | inside windows | window borders | coherent | PSNR | MS-SSIM | s (all cases) |",
              "|---|---|---|---|---|---|---|---|"]

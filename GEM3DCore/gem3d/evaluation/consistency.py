@@ -13,7 +13,9 @@ Wasserstein-1 distance (in intensity units, 0 = identical distributions):
 ``seam_max_*`` (mean over volumes of max_z d(z) / median d) needs no reference at all.
 ``stripe_ratio``: stripe index (`stripe_index`: power of differences along z over in-plane
 ones, pooled over volumes) of the synthetic volumes over the real ones' (1 = as striped as
-real scans; horizontal stripes in coronal/sagittal views push it up).
+real scans; horizontal stripes in coronal/sagittal views push it up). ``stripe_ratio_coherent``:
+the same after `coherent_view` (each slice smoothed in-plane), so only bands that span a row of
+a coronal/sagittal view count, not pixel noise that differs from slice to slice.
 Foreground: either voxel of a pair above 0.05. Voxel samples are thinned to at most
 `MAX_SAMPLES` per volume (evenly strided, so deterministic).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import numpy as np
+from scipy import ndimage
 from scipy.stats import wasserstein_distance
 
 from gem3d.evaluation.volumes import FOREGROUND
@@ -84,6 +87,14 @@ def stripe_profile(volume: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return (dz ** 2 * keep).sum(axis=(1, 2)), (dxy * keep).sum(axis=(1, 2))
 
 
+COHERENT_SIGMA = 2.0  # px: in-plane detail finer than this is not a band across a row
+
+
+def coherent_view(volume: np.ndarray) -> np.ndarray:
+    """Each axial slice of a (z, y, x) volume smoothed in-plane (Gaussian, `COHERENT_SIGMA` px)."""
+    return ndimage.gaussian_filter(np.asarray(volume, dtype=np.float64), (0, COHERENT_SIGMA, COHERENT_SIGMA))
+
+
 def stripe_index(volume: np.ndarray) -> float:
     """Power of the differences along z over the in-plane ones (`stripe_profile`): 1 for
     isotropic texture or noise, larger when slices jump. Contrast cancels out, so a blurred or
@@ -107,7 +118,8 @@ class ConsistencyStats:
         self.samples: Dict[str, Dict[str, List[np.ndarray]]] = {
             side: {m: [] for m in MEASURES} for side in ("real", "synthetic")}
         self.seam_max: Dict[str, List[float]] = {"real": [], "synthetic": []}
-        self.stripe: Dict[str, np.ndarray] = {"real": np.zeros(2), "synthetic": np.zeros(2)}
+        self.stripe: Dict[str, Dict[str, np.ndarray]] = {
+            kind: {"real": np.zeros(2), "synthetic": np.zeros(2)} for kind in ("", "_coherent")}
 
     def add(self, side: str, volume: np.ndarray) -> None:
         volume = np.asarray(volume, dtype=np.float32)
@@ -118,7 +130,8 @@ class ConsistencyStats:
         profile = seam_profile(volume)
         s["seam"].append(profile.astype(np.float64))
         self.seam_max[side].append(float(profile.max()) if len(profile) else 0.0)
-        self.stripe[side] += [part.sum() for part in stripe_profile(volume)]
+        self.stripe[""][side] += [part.sum() for part in stripe_profile(volume)]
+        self.stripe["_coherent"][side] += [part.sum() for part in stripe_profile(coherent_view(volume))]
 
     def distances(self) -> Dict[str, float]:
         out = {}
@@ -129,7 +142,8 @@ class ConsistencyStats:
             out[f"{m}_w1"] = float(wasserstein_distance(real, synthetic))
         out["seam_max_real"] = float(np.mean(self.seam_max["real"]))
         out["seam_max_synthetic"] = float(np.mean(self.seam_max["synthetic"]))
-        (zs, ps), (zr, pr) = self.stripe["synthetic"], self.stripe["real"]
-        if ps > 0 and pr > 0 and zr > 0:               # undefined for volumes without texture
-            out["stripe_ratio"] = float((zs / ps) / (zr / pr))
+        for kind, sums in self.stripe.items():
+            (zs, ps), (zr, pr) = sums["synthetic"], sums["real"]
+            if ps > 0 and pr > 0 and zr > 0:           # undefined for volumes without texture
+                out["stripe_ratio" + kind] = float((zs / ps) / (zr / pr))
         return out
