@@ -103,8 +103,11 @@ def test_paper_tables_quick_writes_its_tables(tmp_path):
     done = tmp_path / "work" / "synthetic" / "test_gem3d.done.json"
     stamp = done.stat().st_mtime_ns
     again = run("paper_tables.py", "--quick", "--stage", "generate", "--out-dir", str(tmp_path),
-                "--work", str(tmp_path / "work"))
+                "--work", str(tmp_path / "work"), "--samplers", "dpm++-2", "ddim-3-eta1")
     assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "work" / "budget.json").read_text())["samplers"] == [["dpm++", 2], ["ddim", 3, 1.0]]
+    bad = run("paper_tables.py", "--quick", "--samplers", "ddim-fast", "--work", str(tmp_path / "work"))
+    assert bad.returncode == 2 and "is not a sampler like dpm++-20" in bad.stderr
     assert done.stat().st_mtime_ns == stamp and "generated test_gem3d" in again.stderr
     other_seed = run("paper_tables.py", "--quick", "--seed", "1", "--stage", "data", "--work", str(tmp_path / "work"))
     assert other_seed.returncode != 0 and "another budget or seed" in other_seed.stderr

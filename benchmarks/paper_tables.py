@@ -171,6 +171,19 @@ def sampler_name(sampler) -> str:
     return "-".join(map(str, sampler[:2])) + (f"-eta{sampler[2]:g}" if len(sampler) > 2 else "")
 
 
+def parse_sampler(name: str) -> tuple:
+    """`sampler_name`'s inverse, for --samplers: 'ddim-200-eta1' -> ('ddim', 200, 1.0)."""
+    parts = name.split("-")
+    try:
+        sampler = (parts[0], int(parts[1])) + ((float(parts[2][3:]),) if len(parts) == 3 and
+                                                parts[2].startswith("eta") else ())
+    except (IndexError, ValueError):
+        sampler = ()
+    if len(parts) not in (2, 3) or len(sampler) != len(parts) or sampler[1] < 1:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a sampler like dpm++-20, unipc-10 or ddim-200-eta1")
+    return sampler
+
+
 def log_trained(log, results: Dict[str, dict]) -> None:
     log("trained: " + ", ".join(f"{k} {v.get('steps')} steps loss {v.get('final_loss')} ({v.get('wall_s')} s)"
                                  for k, v in results.items() if v))
@@ -731,9 +744,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=None,
                         help="Training seed of GEM-3D and the baseline (default 0); the phantoms and held-out "
                              "cases stay the same. With a seed, files and the default work folder end in _seed<S>.")
+    parser.add_argument("--samplers", nargs="+", type=parse_sampler, metavar="SAMPLER",
+                        help="The sampler comparison's samplers instead of the budget's (e.g. dpm++-20 ddim-20-eta1 "
+                             "unipc-10: without the DDIM-200 rows, which take most of a paper64 run's generation).")
     args = parser.parse_args(argv)
     name = "quick" if args.quick else args.budget
     b = dict(BUDGETS[name], name=name, seed=args.seed or 0)
+    if args.samplers:
+        b["samplers"] = tuple(args.samplers)
     tag = name if args.seed is None else f"{name}_seed{args.seed}"
     last = STAGES.index(args.stage) if args.stage != "all" else len(STAGES) - 1
     work = args.work or Path(tempfile.gettempdir()) / f"gem3d_paper_tables_{tag}"
