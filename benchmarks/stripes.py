@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
     from gem3d.datasets import open_dataset
     from gem3d.engine import Engine
     from gem3d.evaluation.consistency import COHERENT_SIGMA, coherent_view, stripe_profile
+    from gem3d.evaluation.consistency import pooled_stripe_index as index  # over cases, or their slice pairs
     from gem3d.evaluation.metrics import paired_metrics
     from gem3d.montage import montage
     from gem3d.evaluation.volumes import axial_view, to_unit, unit_range
@@ -137,9 +138,6 @@ def main(argv=None) -> dict:
 
     def coherent(case_id, array):
         return stripe_profile(coherent_view(unit(case_id, array)))
-
-    def index(profiles):
-        return sum(z.sum() for z, _ in profiles) / sum(p.sum() for _, p in profiles)
 
     real_profiles = [profile(k, v.array) for k, v in real.items()]
     real_coherent = [coherent(k, v.array) for k, v in real.items()]

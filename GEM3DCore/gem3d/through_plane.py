@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from gem3d.evaluation.consistency import stripe_profile
+from gem3d.evaluation.consistency import pooled_stripe_index, stripe_profile
 from gem3d.models import decode_latents, encode_slices
 
 MAX_A = 0.25                                   # [0.25, 0.5, 0.25]: the strongest filter kept positive
@@ -40,11 +40,8 @@ def calibrate(decoded: Sequence[np.ndarray], real: Sequence[np.ndarray]) -> floa
     ``decoded`` volumes closest to that of the ``real`` ones; both (Z, S, S) in [-1, 1], the
     model's intensity range. 0 when the real volumes have no in-plane texture to compare with."""
     def index(volumes) -> float:
-        along_z = in_plane = 0.0
-        for v in volumes:
-            z, xy = stripe_profile((np.asarray(v, np.float64) + 1.0) / 2.0)
-            along_z, in_plane = along_z + z.sum(), in_plane + xy.sum()
-        return along_z / in_plane if in_plane > 0 and along_z > 0 else float("nan")
+        value = pooled_stripe_index([stripe_profile((np.asarray(v, np.float64) + 1.0) / 2.0) for v in volumes])
+        return value if value > 0 else float("nan")           # no texture: nothing to compare
 
     target = index(real)
     if not np.isfinite(target):

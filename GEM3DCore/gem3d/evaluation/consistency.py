@@ -21,7 +21,7 @@ Foreground: either voxel of a pair above 0.05. Voxel samples are thinned to at m
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -95,15 +95,24 @@ def coherent_view(volume: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(np.asarray(volume, dtype=np.float64), (0, COHERENT_SIGMA, COHERENT_SIGMA))
 
 
+def pooled_stripe_index(profiles: Sequence[Tuple[np.ndarray, np.ndarray]]) -> float:
+    """`stripe_index` of several volumes (or parts of them) together, from their
+    `stripe_profile`s: summed power along z over summed in-plane power; NaN without in-plane
+    texture."""
+    along_z = sum(float(z.sum()) for z, _ in profiles)
+    in_plane = sum(float(p.sum()) for _, p in profiles)
+    return along_z / in_plane if in_plane > 0 else float("nan")
+
+
 def stripe_index(volume: np.ndarray) -> float:
     """Power of the differences along z over the in-plane ones (`stripe_profile`): 1 for
     isotropic texture or noise, larger when slices jump. Contrast cancels out, so a blurred or
     low-contrast volume is compared fairly with a real one."""
-    along_z, in_plane = stripe_profile(volume)
-    if not in_plane.sum():
+    index = pooled_stripe_index([stripe_profile(volume)])
+    if np.isnan(index):
         raise ValueError("stripe index: the volume has no foreground texture (no voxel pair above "
                          f"{FOREGROUND} that varies in-plane)")
-    return float(along_z.sum() / in_plane.sum())
+    return index
 
 
 def stripe_ratio(real: np.ndarray, synthetic: np.ndarray) -> float:
