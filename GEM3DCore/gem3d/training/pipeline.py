@@ -106,10 +106,7 @@ class Run:
         """The trained (or pretrained) VAE, frozen; sets cfg.vae.scale to its latent scale and
         cfg.vae.through_plane to its calibrated z filter (0 for runs made before it existed)."""
         if self._vae is None:
-            result = self.result("vae")
-            self.cfg.vae.scale = float(result["latent_scale"])
-            self.cfg.vae.through_plane = float(result.get("through_plane", 0.0))
-            self._vae = self._load("vae", build_vae(self.cfg)).eval().requires_grad_(False)
+            self._use_vae(self._load("vae", build_vae(self.cfg)), self.result("vae"))
         return self._vae
 
     def cache(self) -> LatentCache:
@@ -170,7 +167,7 @@ class Run:
         """Use `vae` from now on; its latent scale and z filter are cfg.vae's (the bundle's
         facts), and diffusers' own copy of the scale is kept equal for code that reads it."""
         scale = float(result["latent_scale"])
-        self.cfg.vae.scale, self.cfg.vae.through_plane = scale, float(result["through_plane"])
+        self.cfg.vae.scale, self.cfg.vae.through_plane = scale, float(result.get("through_plane", 0.0))
         vae.register_to_config(scaling_factor=scale)
         self._vae = vae.eval().requires_grad_(False)
         self._cache, self._raw = None, raw
