@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for _part in ("GEM3DEditor", "GEM3DWeb"):  # importable without an install, as mrml_fixtures does
     if str(ROOT / _part) not in sys.path:
         sys.path.insert(0, str(ROOT / _part))
+from gem3d.processes import terminate  # noqa: E402
 DEMO_BUNDLE = ROOT / "GEM3DCore" / "gem3d" / "resources" / "demo_bundle"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -86,13 +87,7 @@ class WebServer:
         return [int(p) for p in found]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout=15)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent / "GEM3DCore"))
+from gem3d.processes import terminate  # noqa: E402
 
 
 def free_port() -> int:
@@ -80,13 +81,7 @@ class ServerProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process, timeout=10)
 
 
 def percentile(values: List[float], q: float) -> float:

@@ -49,6 +49,19 @@ def kill_tree(process: Optional[subprocess.Popen]) -> None:
         pass
 
 
+def terminate(process: Optional[subprocess.Popen], timeout: float) -> None:
+    """Ask a process to stop (SIGTERM: a server shuts down cleanly) and kill it if it has not
+    within ``timeout`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def exit_message(what: str, returncode: Optional[int], tail: Sequence[str]) -> str:
     """'The GEM-3D engine stopped unexpectedly with exit code 3. Last output: ...'"""
     if returncode is not None and returncode < 0 and os.name != "nt":

@@ -37,17 +37,14 @@ def middleware(token: str):
     """An aiohttp middleware refusing every request (page, assets, websocket) without the token."""
     from aiohttp import web
 
-    def matches(value: Optional[str]) -> bool:
-        return token_matches(value or "", token)
-
     @web.middleware
     async def check(request, handler):
-        if matches(request.query.get("token")):
+        if token_matches(request.query.get("token", ""), token):
             response = await handler(request)
             if not isinstance(response, web.WebSocketResponse):
                 response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", secure=request.secure)
             return response
-        if matches(request.cookies.get(COOKIE)):
+        if token_matches(request.cookies.get(COOKIE, ""), token):
             return await handler(request)
         return web.Response(status=403, text=REFUSED)
 
