@@ -97,15 +97,20 @@ def check_declared_size(reader: sitk.ImageFileReader, path) -> int:
     return voxels
 
 
-def declared_voxels(path) -> int:
-    """The voxel count of an image file from its header alone (refused above MAX_VOXELS)."""
+def _header(path) -> sitk.ImageFileReader:
+    """A reader that has read the header of the image file at ``path``, not its voxels."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(regular_file(path, "image file")))
+    reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as error:
         raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
-    return check_declared_size(reader, path)
+    return reader
+
+
+def declared_voxels(path) -> int:
+    """The voxel count of an image file from its header alone (refused above MAX_VOXELS)."""
+    return check_declared_size(_header(regular_file(path, "image file")), path)
 
 
 def input_files(path) -> List[Path]:
@@ -410,12 +415,7 @@ def nifti_nonfinite_count(path, channel: Optional[int] = None) -> int:
 
 def read_metadata(path) -> Dict[str, str]:
     """Header key/values of an image file, without reading its voxels."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as error:
-        raise ValueError(f"cannot read {path}: {_itk_message(error)}") from None
+    reader = _header(path)
     return {key: reader.GetMetaData(key) for key in reader.GetMetaDataKeys()}
 
 
